@@ -1,0 +1,43 @@
+"""Named Qwen3-MoE configs: the real ones (for shapes and benchmarks) and tiny ones (tests, demo).
+
+The tiny flavour runs the same code path as the 30B model with smaller numbers (style.md §4).
+"""
+
+from __future__ import annotations
+
+from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
+
+QWEN3_VOCAB_SIZE = 151936
+
+# design.md §5; the published config.json files say the same
+QWEN3_30B_A3B = dict(
+    hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+    num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+    num_experts_per_tok=8, norm_topk_prob=True, rms_norm_eps=1e-6, rope_theta=1e6,
+    vocab_size=QWEN3_VOCAB_SIZE, tie_word_embeddings=False, max_position_embeddings=40960,
+    bos_token_id=151643, eos_token_id=151645, decoder_sparse_step=1, mlp_only_layers=[],
+)
+QWEN3_235B_A22B = dict(
+    QWEN3_30B_A3B, hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536,
+    num_hidden_layers=94, num_attention_heads=64, num_key_value_heads=4,
+)
+# A few MB of weights, runs a training step on CPU in well under a second (vocab aside).
+TINY = dict(
+    hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
+    num_experts_per_tok=2, norm_topk_prob=True, rms_norm_eps=1e-6, rope_theta=1e6,
+    vocab_size=QWEN3_VOCAB_SIZE, tie_word_embeddings=False, max_position_embeddings=4096,
+    bos_token_id=151643, eos_token_id=151645, decoder_sparse_step=1, mlp_only_layers=[],
+    initializer_range=0.02,
+)
+
+NAMED = {"qwen3-30b-a3b": QWEN3_30B_A3B, "qwen3-235b-a22b": QWEN3_235B_A22B, "tiny": TINY}
+
+
+def make_config(name: str = "tiny", **overrides) -> Qwen3MoeConfig:
+    """A `Qwen3MoeConfig` for a named flavour, with keyword overrides."""
+    if name not in NAMED:
+        raise ValueError(f"unknown config name {name!r}; choose one of {sorted(NAMED)}")
+    kwargs = dict(NAMED[name])
+    kwargs.update(overrides)
+    return Qwen3MoeConfig(**kwargs)
