@@ -42,6 +42,12 @@ def head_config(target_config: Qwen3MoeConfig) -> Qwen3MoeConfig:
     cfg.mlp_only_layers = []
     cfg.decoder_sparse_step = 1
     cfg.num_hidden_layers = 1
+    # Training calls the layer with attention_mask=None and relies on sdpa's is_causal; eager
+    # attention with no mask would attend to future tokens. Keep flash/flex if the user chose them.
+    if getattr(cfg, "_attn_implementation", None) in (None, "eager"):
+        cfg._attn_implementation = "sdpa"
+    if getattr(cfg, "_experts_implementation", None) is None:
+        cfg._experts_implementation = "eager"  # the target's choice (grouped_mm on GPU) is kept
     return cfg
 
 

@@ -56,12 +56,16 @@ class LossOutput:
 def _chunk_terms(h_NH, w_VH, labels_N, soft_NH, loss_type: str):
     """Sum of CE and KL over a chunk, plus top-1 hits. Logits in fp32, freed after use."""
     logits_NV = F.linear(h_NH, w_VH).float()
-    logp_NV = F.log_softmax(logits_NV, dim=-1)
     ce = torch.zeros((), device=h_NH.device, dtype=torch.float32)
     kl = torch.zeros((), device=h_NH.device, dtype=torch.float32)
-    if loss_type in ("ce", "ce+kl"):
-        ce = F.nll_loss(logp_NV, labels_N, reduction="sum")
-    if loss_type in ("kl", "ce+kl"):
+    if loss_type == "ce":
+        # logsumexp - logit[label]: no [N, V] log-prob tensor is written (it would double memory)
+        lse_N = torch.logsumexp(logits_NV, dim=-1)
+        ce = (lse_N - logits_NV.gather(1, labels_N[:, None]).squeeze(1)).sum()
+    else:
+        logp_NV = F.log_softmax(logits_NV, dim=-1)
+        if loss_type == "ce+kl":
+            ce = F.nll_loss(logp_NV, labels_N, reduction="sum")
         with torch.no_grad():
             logp_t_NV = F.log_softmax(F.linear(soft_NH, w_VH).float(), dim=-1)
         kl = (logp_t_NV.exp() * (logp_t_NV - logp_NV)).sum()

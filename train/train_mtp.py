@@ -90,7 +90,7 @@ def make_accelerator(cfg: Config, device: torch.device):
     from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
     kwargs_handlers = []
-    if device.type == "cpu":
+    if device.type == "cpu" and env_world_size() > 1:
         # accelerate + DeepSpeed on CPU only work with gloo (design.md §5)
         kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
     log_with = None if cfg.log.backend == "none" else cfg.log.backend

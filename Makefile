@@ -1,0 +1,39 @@
+# make demo   set up (once) and run the whole pipeline on CPU: tiny target -> train -> eval -> export
+# make test   set up (once) and run the test suite
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+# The CPU build of torch; an unpinned torch in a fresh venv pulls a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+DEMO   ?= runs/demo
+
+.PHONY: venv test test-fast demo demo-check clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+artifacts/tiny-target/config.json: $(STAMP)
+	$(PY) scripts/make_tiny_target.py --out artifacts/tiny-target
+
+# Two CPU processes under DeepSpeed ZeRO-2 (gloo), the same entry point as on GPUs.
+demo: artifacts/tiny-target/config.json
+	$(PY) -m accelerate.commands.launch --config_file configs/accelerate/cpu_zero2.yaml \
+		train/train_mtp.py --config configs/tiny.yaml train.output_dir=$(DEMO) train.resume=none
+	$(PY) scripts/eval_acceptance.py --target artifacts/tiny-target --mtp $(DEMO)/export \
+		--prompts $(DEMO)/eval_prompts.jsonl --steps 2 --max-new-tokens 24 --batch-size 4 \
+		--device cpu --report $(DEMO)/eval_export.json --expect-report $(DEMO)/eval.json
+
+clean:
+	rm -rf runs/demo artifacts/tiny-target

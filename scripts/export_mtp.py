@@ -1,0 +1,56 @@
+"""Export a trained MTP head for SGLang speculative decoding (NEXTN).
+
+    python scripts/export_mtp.py --checkpoint runs/tiny/final --target artifacts/tiny-target \
+        --out artifacts/tiny-mtp [--merge] [--dtype bf16|fp16|fp32] [--force]
+
+--checkpoint: a training `checkpoint-<step>/` or `final/` dir, an earlier export, or a
+.safetensors file. Default output: a draft dir for `--speculative-draft-model-path`. With
+--merge: a copy of the target (weights hard-linked) plus an `mtp` shard. Prints the SGLang launch
+command. See docs/export.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# run from a source checkout without `pip install -e .`
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.export import DEFAULT_MAX_SHARD_BYTES, DTYPES, EXPORT_INFO_NAME, export_mtp  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint-<step>/, final/, an export dir, or a .safetensors file")
+    p.add_argument("--target", required=True, help="local Qwen3-MoE model dir the head was trained for")
+    p.add_argument("--out", required=True, help="output dir (built in a temp dir next to it, then renamed)")
+    p.add_argument("--merge", action="store_true", help="write a copy of the target with an added mtp shard instead of a draft dir")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="dtype of the exported tensors (default bf16)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES, help="shard size limit (default 5 GiB)")
+    p.add_argument("--acceptance-length", type=float, default=None, help="measured acceptance length, recorded in export_info.json")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        out = export_mtp(
+            args.checkpoint, args.target, args.out, merge=args.merge, dtype=args.dtype, force=args.force,
+            max_shard_bytes=args.max_shard_bytes, acceptance_length=args.acceptance_length,
+        )
+    except ValueError as exc:  # user and input errors: the message says what to fix
+        raise SystemExit(f"error: {exc}") from None
+    with open(out / EXPORT_INFO_NAME, encoding="utf-8") as f:
+        info = json.load(f)
+    kind = "merged target" if args.merge else "draft dir"
+    print(f"wrote {kind} {out}: {info['num_tensors']} mtp.* tensors, {info['num_parameters']:,} parameters, {info['dtype']}")
+    print("serve with SGLang:")
+    print(f"  {info['sglang_command']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The config tree: YAML + dotted overrides, errors that name the key, round trip."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from train.config import Config, config_from_dict, load_config, save_config, to_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_load(name):
+    cfg = load_config(ROOT / "configs" / name)
+    assert isinstance(cfg, Config)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["train.max_steps=7", "head.loss=ce+kl", "data.limit=null",
+                                                   "train.lr=1e-3", "eval.enabled=false"])
+    assert cfg.train.max_steps == 7 and cfg.head.loss == "ce+kl" and cfg.data.limit is None
+    assert cfg.train.lr == 1e-3 and cfg.eval.enabled is False
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.max_step=3", "train.max_step"),          # typo: unknown key
+    ("trian.max_steps=3", "trian"),                   # unknown section
+    ("train.max_steps=abc", "train.max_steps"),       # wrong type
+    ("train.max_steps=0", "train.max_steps"),         # out of range
+    ("head.loss=mse", "head.loss"),
+    ("train.micro_batch_size=0", "train.micro_batch_size"),
+    ("data.max_length=2", "data.max_length"),
+    ("log.backend=mlflow", "log.backend"),
+    ("eval.steps=0", "eval.steps"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_config(ROOT / "configs/tiny.yaml", [override])
+
+
+def test_override_needs_equals_sign():
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config(None, ["train.max_steps"])
+
+
+def test_missing_file_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["head.num_steps=3"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert to_dict(again) == to_dict(cfg)
