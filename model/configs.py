@@ -41,3 +41,21 @@ def make_config(name: str = "tiny", **overrides) -> Qwen3MoeConfig:
     kwargs = dict(NAMED[name])
     kwargs.update(overrides)
     return Qwen3MoeConfig(**kwargs)
+
+
+def build_random_target(name: str = "tiny", seed: int = 0, **overrides):
+    """A randomly initialised `Qwen3MoeForCausalLM` for tests, the CPU demo and benchmarks.
+
+    The lm_head gets std 1/sqrt(hidden) instead of transformers' 0.02: with a 64-wide hidden
+    state, 0.02 makes every logit nearly 0, so no head trained against the target could express a
+    distribution and the demo's loss would sit at ln(vocab). Unit-variance logits fix that.
+    """
+    import torch
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = make_config(name, **overrides)
+    model = Qwen3MoeForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, config.hidden_size**-0.5)
+    return model

@@ -18,10 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
-
 from data.tokenizer import build_qwen3_tokenizer
-from model.configs import NAMED, make_config
+from model.configs import NAMED, build_random_target
 
 
 def main(argv=None) -> int:
@@ -37,9 +35,7 @@ def main(argv=None) -> int:
     if (out / "config.json").exists() and not args.force:
         print(f"{out} already holds a model; pass --force to rebuild it")
         return 0
-    torch.manual_seed(args.seed)
-    config = make_config(args.config)
-    model = Qwen3MoeForCausalLM(config)
+    model = build_random_target(args.config, seed=args.seed)
     model.to(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     model.save_pretrained(out)
     build_qwen3_tokenizer(out)

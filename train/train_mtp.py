@@ -41,8 +41,8 @@ from model.target import FrozenTarget, default_dtype
 from train.common import MetricsWriter, env_rank, env_world_size, pick_device, print0
 from train.config import Config, load_config, save_config, to_dict
 
-HEAD_WEIGHTS_NAME = "head.safetensors"
-RUN_CONFIG_NAME = "config.yaml"
+from model.export import HEAD_WEIGHTS_NAME, RUN_CONFIG_NAME  # noqa: E402  (shared with the exporter)
+
 TRAINER_STATE_NAME = "trainer_state.json"
 
 
