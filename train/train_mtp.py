@@ -58,6 +58,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
 
 def build_target(cfg: Config, device: torch.device) -> FrozenTarget:
     dtype = {"auto": default_dtype(device), "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.target.dtype]
+    if cfg.data.hidden_states:
+        # Offline: batches carry the stored h_t, so only embed_tokens and lm_head are read (plus the
+        # last layer for head.init=last_layer); target.hidden() raises.
+        from model.shared_weights import load_shared_weights
+
+        target = load_shared_weights(
+            cfg.target.path, device=device, dtype=dtype, last_layer=cfg.head.init == "last_layer",
+            attn_implementation=cfg.target.attn_implementation, trust_remote_code=cfg.target.trust_remote_code,
+        )
+        print0(f"target: {cfg.target.path}, offline: embed_tokens + lm_head only, hidden states from {cfg.data.hidden_states}")
+        return target
     target = FrozenTarget.load(
         cfg.target.path, device=device, dtype=dtype,
         trust_remote_code=cfg.target.trust_remote_code, attn_implementation=cfg.target.attn_implementation,
@@ -102,7 +113,6 @@ def make_accelerator(cfg: Config, device: torch.device):
         kwargs_handlers=kwargs_handlers,
         log_with=log_with,
         project_dir=cfg.train.output_dir,
-        cpu=device.type == "cpu",
     )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -112,6 +122,11 @@ def make_accelerator(cfg: Config, device: torch.device):
         ds["gradient_accumulation_steps"] = cfg.train.grad_accum
         ds["train_batch_size"] = cfg.train.micro_batch_size * cfg.train.grad_accum * accelerator.num_processes
         ds["gradient_clipping"] = cfg.train.grad_clip
+    zero = ""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        zero = f", ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    print0(f"accelerator: {accelerator.distributed_type.value}{zero}, {accelerator.num_processes} process(es), "
+           f"device {device}, mixed precision {accelerator.mixed_precision}")
     if accelerator.num_processes != env_world_size():
         raise RuntimeError(f"accelerate sees {accelerator.num_processes} processes but WORLD_SIZE={env_world_size()}")
     return accelerator
@@ -121,10 +136,17 @@ def build_data(cfg: Config, tokenizer, accelerator):
     from data.chat import build_chat_dataset
     from data.collate import BucketBatchSampler
 
-    with accelerator.main_process_first():  # rank 0 tokenizes and fills the datasets cache
-        ds, report = build_chat_dataset(
-            cfg.data.train, tokenizer, cfg.data.max_length, limit=cfg.data.limit, num_proc=cfg.data.num_proc,
-        )
+    if cfg.data.hidden_states:  # offline: the dump holds the tokenized rows and their h_t
+        from data.hidden_states import HiddenStateStore
+
+        ds = HiddenStateStore(cfg.data.hidden_states)
+        ds.check_compatible(cfg.target.path, tokenizer, cfg.data)  # a mismatching dump is refused
+        report = ds.skip_report()
+    else:
+        with accelerator.main_process_first():  # rank 0 tokenizes and fills the datasets cache
+            ds, report = build_chat_dataset(
+                cfg.data.train, tokenizer, cfg.data.max_length, limit=cfg.data.limit, num_proc=cfg.data.num_proc,
+            )
     print0(f"data: {report.summary()}")
     holdout = min(cfg.data.holdout, max(len(ds) - 1, 0))
     heldout_ds = ds.select(range(holdout)) if holdout else None
@@ -136,7 +158,7 @@ def build_data(cfg: Config, tokenizer, accelerator):
             f"(train.micro_batch_size x {accelerator.num_processes} processes); add data or lower the batch size"
         )
     sampler = BucketBatchSampler(
-        train_ds["length"], cfg.train.micro_batch_size, seed=cfg.train.seed,
+        train_ds.lengths if cfg.data.hidden_states else train_ds["length"], cfg.train.micro_batch_size, seed=cfg.train.seed,
         num_replicas=accelerator.num_processes, rank=accelerator.process_index,
         bucket_size_multiplier=cfg.data.bucket_multiplier,
     )
@@ -252,17 +274,25 @@ class StopFlag:
 
 # ----------------------------------------------------------------------------- loop
 
+def collate_rows(dataset, rows: list[dict], pad_id: int) -> dict:
+    """Right-padded batch; rows of offline hidden states (data.hidden_states) also give "hidden" [B, T, H]."""
+    from data.collate import collate_batch
+    from data.hidden_states import HiddenStateStore, collate_hidden_states
+
+    if isinstance(dataset, HiddenStateStore):
+        return collate_hidden_states(rows, pad_id=pad_id)
+    return collate_batch(rows, pad_id=pad_id)
+
+
 def iterate_batches(sampler, dataset, state: TrainerState, pad_id: int):
     """Endless micro-batches from (epoch, batch_in_epoch) on; advances `state` as it goes."""
-    from data.collate import collate_batch
-
     while True:
         sampler.set_epoch(state.epoch)
         for i, indices in enumerate(sampler):
             if i < state.batch_in_epoch:
                 continue
             rows = dataset.select(indices)
-            batch = collate_batch([rows[j] for j in range(len(indices))], pad_id=pad_id)
+            batch = collate_rows(dataset, [rows[j] for j in range(len(indices))], pad_id=pad_id)
             state.batch_in_epoch = i + 1
             yield batch
         state.epoch += 1
@@ -273,7 +303,10 @@ def loss_for_batch(cfg: Config, target: FrozenTarget, head, batch: dict, device:
     input_ids = batch["input_ids"].to(device)
     loss_mask = batch["loss_mask"].to(device)
     attn = batch["attention_mask"].to(device)
-    hidden = target.hidden(input_ids, attn)  # [B, T, H], no grad
+    if "hidden" in batch:  # offline (data.hidden_states): h_t stored by scripts/dump_hidden_states.py
+        hidden = batch["hidden"].to(device, non_blocking=True)  # [B, T, H]
+    else:
+        hidden = target.hidden(input_ids, attn)  # [B, T, H], no grad
     return mtp_loss(
         head, target.embed_tokens, target.lm_head, input_ids, hidden, loss_mask,
         num_steps=cfg.head.num_steps, step_decay=cfg.head.step_decay, loss_type=cfg.head.loss,
@@ -367,8 +400,6 @@ def evaluate_heldout(cfg, accelerator, target, head, heldout_ds, pad_id) -> dict
     """Loss, per-step top-1 accuracy and simulated acceptance length on the held-out rows."""
     if heldout_ds is None or len(heldout_ds) == 0:
         return None
-    from data.collate import collate_batch
-
     K, device = cfg.head.num_steps, target.device
     head.eval()
     tot = torch.zeros(2 + 2 * K, device=device)
@@ -378,7 +409,7 @@ def evaluate_heldout(cfg, accelerator, target, head, heldout_ds, pad_id) -> dict
     n_batches = math.ceil(math.ceil(len(heldout_ds) / accelerator.num_processes) / bs)
     for b in range(n_batches):
         idx = rows[b * bs : (b + 1) * bs] or [0]
-        batch = collate_batch([heldout_ds[i] for i in idx], pad_id=pad_id)
+        batch = collate_rows(heldout_ds, [heldout_ds[i] for i in idx], pad_id=pad_id)
         out, _ = loss_for_batch(cfg, target, head, batch, device)
         weight = 1.0 if rows[b * bs : (b + 1) * bs] else 0.0
         tot += weight * torch.cat([out.loss.detach().float().reshape(1), torch.ones(1, device=device), out.correct, out.count])

@@ -1,0 +1,197 @@
+"""The training entry point end to end on CPU: outputs, ZeRO-2/ZeRO-3 with 2 processes,
+kill-and-resume, fine-tuning from an export, and clear errors.
+
+Every run is a subprocess (`python train/train_mtp.py` or `accelerate launch`), exactly as a user
+runs it; the tiny target and 24 real ShareGPT chats come from fixtures in conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = [sys.executable, str(ROOT / "train" / "train_mtp.py"), "--config", str(ROOT / "configs" / "tiny.yaml")]
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def env():
+    e = dict(os.environ)
+    e.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+             WANDB_MODE="offline", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    e.pop("WANDB_API_KEY", None)
+    return e
+
+
+def base_overrides(target, chats, out, **extra):
+    o = {
+        "target.path": target, "data.train": chats, "data.limit": "null", "data.holdout": 0,
+        "data.max_length": 64, "train.output_dir": out, "train.micro_batch_size": 2,
+        "train.max_steps": 8, "train.lr": 1e-2, "train.warmup_steps": 2, "train.log_every": 1,
+        "train.save_every": 0, "head.loss_chunk_size": 0, "head.num_steps": 2,
+        "eval.enabled": "false", "export.enabled": "false",
+    }
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def run(cmd, timeout=600, check=True):
+    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\nSTDOUT:\n{p.stdout[-4000:]}\nSTDERR:\n{p.stderr[-6000:]}")
+    return p
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
+def train_records(out: Path) -> list[dict]:
+    return [r for r in metrics(out) if r.get("kind", "train") == "train"]
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def test_single_process_run_writes_metrics_checkpoints_and_final(tiny_target_dir, chat_jsonl, tmp_path):
+    out = tmp_path / "run"
+    run(TRAIN + base_overrides(tiny_target_dir, chat_jsonl, out, **{"train.save_every": 3, "data.holdout": 4}))
+    recs = train_records(out)
+    assert [r["step"] for r in recs] == list(range(1, 9))
+    for r in recs:
+        for key in ("step", "loss", "acc", "simulated_acceptance_length", "lr", "tokens_per_s"):
+            assert key in r, key
+        assert len(r["acc"]) == 2 and r["simulated_acceptance_length"] >= 1.0 and r["tokens_per_s"] > 0
+    # keep_checkpoints=2 of checkpoint-3, checkpoint-6; no temporary dirs left behind
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    assert not list(out.glob(".tmp-*"))
+    ck = out / "checkpoint-6"
+    assert (ck / "head.safetensors").exists() and (ck / "config.yaml").exists()
+    state = json.loads((ck / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["batch_in_epoch"] > 0
+    final = out / "final"
+    cfg = (final / "config.yaml").read_text()
+    assert str(tiny_target_dir) in cfg
+    weights = load_file(final / "head.safetensors")
+    assert "fc.weight" in weights and not any("lm_head" in k or "embed_tokens" in k for k in weights)
+    summary = json.loads((final / "metrics.json").read_text())
+    assert "heldout_simulated_acceptance_length" in summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_process_zero_run_loss_falls(tiny_target_dir, chat_jsonl, tmp_path, stage):
+    out = tmp_path / f"zero{stage}"
+    cmd = LAUNCH + ["--config_file", str(ROOT / f"configs/accelerate/cpu_zero{stage}.yaml"),
+                    str(ROOT / "train/train_mtp.py"), "--config", str(ROOT / "configs/tiny.yaml")]
+    run(cmd + base_overrides(tiny_target_dir, chat_jsonl, out, **{
+        "train.max_steps": 24, "train.save_every": 12, "head.num_steps": 1, "train.micro_batch_size": 1}), timeout=1200)
+    recs = train_records(out)
+    assert len(recs) == 24
+    first, last = mean([r["loss"] for r in recs[:4]]), mean([r["loss"] for r in recs[-4:]])
+    assert last < first - 0.5, (first, last)
+    # the DeepSpeed engine state and the gathered head weights are in the checkpoint
+    ck = out / "checkpoint-12"
+    assert (ck / "head.safetensors").exists()
+    assert any(ck.rglob("*optim_states*")), sorted(str(p) for p in ck.rglob("*"))
+    head = load_file(out / "final" / "head.safetensors")
+    assert head["fc.weight"].shape == (64, 128) and head["fc.weight"].numel() > 0
+
+
+def wait_for_step(out: Path, step: int, proc, timeout=300):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            return
+        if (out / "metrics.jsonl").exists() and any(r["step"] >= step for r in train_records(out)):
+            return
+        time.sleep(0.2)
+    raise AssertionError("training never reached the step to interrupt")
+
+
+@pytest.mark.slow
+def test_kill_and_resume_equals_uninterrupted_run(tiny_target_dir, chat_jsonl, tmp_path):
+    extra = {"train.max_steps": 12}
+    ref = tmp_path / "ref"
+    run(TRAIN + base_overrides(tiny_target_dir, chat_jsonl, ref, **extra))
+
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(TRAIN + base_overrides(tiny_target_dir, chat_jsonl, out, **extra), cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(out, 4, proc)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+    assert "stopped by signal" in log
+    stopped = [p for p in out.glob("checkpoint-*")]
+    assert len(stopped) == 1 and not (out / "final").exists()
+    stop_step = int(stopped[0].name.split("-")[1])
+    assert 4 <= stop_step < 12
+
+    p = run(TRAIN + base_overrides(tiny_target_dir, chat_jsonl, out, **extra, **{"train.resume": "auto"}))
+    assert f"resumed from" in p.stdout + p.stderr
+    a, b = train_records(ref), train_records(out)
+    assert [r["step"] for r in b] == [r["step"] for r in a]
+    for ra, rb in zip(a, b):
+        assert abs(ra["loss"] - rb["loss"]) < 1e-4, (ra["step"], ra["loss"], rb["loss"])
+        assert ra["acc"] == pytest.approx(rb["acc"], abs=1e-6) and ra["lr"] == pytest.approx(rb["lr"])
+    wa, wb = load_file(ref / "final/head.safetensors"), load_file(out / "final/head.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_finetune_from_export_continues_from_its_weights(tiny_target_dir, chat_jsonl, tmp_path):
+    first = tmp_path / "first"
+    run(TRAIN + base_overrides(tiny_target_dir, chat_jsonl, first, **{
+        "train.max_steps": 16, "export.enabled": "true", "export.dtype": "fp32"}))
+    export = first / "export"
+    assert (export / "model.safetensors").exists()
+    trained = mean([r["loss"] for r in train_records(first)[-4:]])
+    fresh_first = train_records(first)[0]["loss"]
+
+    tuned = tmp_path / "tuned"
+    run(TRAIN + base_overrides(tiny_target_dir, chat_jsonl, tuned, **{
+        "head.init": export, "train.max_steps": 2, "train.lr": 1e-7, "train.warmup_steps": 0}))
+    start = train_records(tuned)[0]["loss"]
+    # the fine-tune starts where the first run ended, not at a fresh head's loss
+    assert abs(start - trained) < abs(start - fresh_first), (start, trained, fresh_first)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"data.max_length": 4}, "max_length"),
+    ({"data.train": "/nonexistent/chats.jsonl"}, "nonexistent"),
+    ({"train.micro_batch_size": 64}, "micro_batch_size"),
+    ({"head.init": "/nonexistent/mtp"}, "nonexistent"),
+])
+def test_clear_errors(tiny_target_dir, chat_jsonl, tmp_path, override, message):
+    p = run(TRAIN + base_overrides(tiny_target_dir, chat_jsonl, tmp_path / "bad", **override), check=False)
+    assert p.returncode != 0
+    assert message in (p.stderr + p.stdout)[-3000:]
+
+
+def test_target_that_is_not_qwen3_moe_is_refused(chat_jsonl, tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    dense = tmp_path / "dense"
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=16)).save_pretrained(dense)
+    p = run(TRAIN + base_overrides(dense, chat_jsonl, tmp_path / "bad"), check=False)
+    assert p.returncode != 0 and "qwen3_moe" in p.stderr[-3000:]
+
+
+def test_empty_data_file_is_an_error(tiny_target_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    p = run(TRAIN + base_overrides(tiny_target_dir, empty, tmp_path / "bad"), check=False)
+    assert p.returncode != 0 and "empty.jsonl" in p.stderr[-3000:]
