@@ -428,8 +428,8 @@ def build_chat_dataset(
 def chat_prompts(source: str, tokenizer, limit: int | None = None) -> list[dict]:
     """Prompts for evaluation: [{"prompt_ids": [int], "category": str|None, "id": ...}].
 
-    A chat row contributes its messages up to (excluding) the first assistant turn; an
-    MT-Bench row ({"question_id", "category", "turns"}) its first turn. Rendered with
+    A chat row contributes its messages up to (excluding) the first assistant turn; a row with
+    `prompt_ids` (a list of token ids) is used as it is; an MT-Bench row ({"question_id", "category", "turns"}) its first turn. Rendered with
     add_generation_prompt=True, enable_thinking=False, i.e. ending in
     "<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n". Unusable rows are skipped and logged.
     """
@@ -441,6 +441,13 @@ def chat_prompts(source: str, tokenizer, limit: int | None = None) -> list[dict]
                 row = json.loads(raw)
             except json.JSONDecodeError as e:
                 raise BadRow("bad_json", str(e)) from None
+            if isinstance(row, dict) and "prompt_ids" in row:
+                # already rendered and tokenized (e.g. the held-out prompts a training run saves)
+                ids = row["prompt_ids"]
+                if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
+                    raise BadRow("wrong_type", "prompt_ids must be a non-empty list of token ids")
+                prompts.append({"prompt_ids": ids, "category": row.get("category"), "id": row.get("id", i)})
+                continue
             if isinstance(row, dict) and "turns" in row:
                 turns = row["turns"]
                 if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):

@@ -31,7 +31,13 @@ TINY = dict(
     initializer_range=0.02,
 )
 
-NAMED = {"qwen3-30b-a3b": QWEN3_30B_A3B, "qwen3-235b-a22b": QWEN3_235B_A22B, "tiny": TINY}
+# A small GPU target (about 313M params, most of them the 151,936-row embedding and head).
+SMALL = dict(
+    TINY, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256, num_hidden_layers=8,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=64, num_experts=32, num_experts_per_tok=4,
+)
+
+NAMED = {"qwen3-30b-a3b": QWEN3_30B_A3B, "qwen3-235b-a22b": QWEN3_235B_A22B, "small": SMALL, "tiny": TINY}
 
 
 def make_config(name: str = "tiny", **overrides) -> Qwen3MoeConfig:

@@ -392,6 +392,7 @@ def log_window(accelerator, win, state: TrainerState, scheduler, K: int) -> dict
         "tokens_per_s": tokens / dt,
         "tokens_seen": state.tokens_seen,
         "epoch": state.epoch,
+        **({"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}),
     }
 
 
