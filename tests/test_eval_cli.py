@@ -1,0 +1,125 @@
+"""scripts/eval_acceptance.py end to end on a tiny target saved to disk (CPU), and its errors."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
+
+from model.configs import make_config
+from model.head import MTPHead
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import eval_acceptance  # noqa: E402
+
+REPORT_FIELDS = {
+    "acceptance_length", "per_position_acceptance", "per_position_acceptance_unconditional",
+    "accept_histogram", "num_prompts", "generated_tokens", "verify_steps", "spec_tokens_per_s",
+    "baseline_tokens_per_s", "speedup", "lossless", "steps", "temperature", "per_category", "per_prompt",
+}
+PROMPT_FIELDS = {"num_prompt_tokens", "output_token_ids", "verify_steps", "acceptance_length", "category"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than they save
+    yield
+    torch.set_num_threads(n)
+
+
+def write_head(cfg, path: Path, seed=0):
+    head = MTPHead(cfg)
+    head.init_random(seed=seed)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(path / "head.safetensors"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tok_mod = pytest.importorskip("data.tokenizer")
+    tmp = tmp_path_factory.mktemp("eval")
+    torch.manual_seed(0)
+    cfg = make_config("tiny")  # the real vocabulary: prompts come from the real tokenizer
+    Qwen3MoeForCausalLM(cfg).save_pretrained(tmp / "target")
+    tok_mod.build_qwen3_tokenizer(tmp / "target")
+    write_head(cfg, tmp / "ckpt")
+    write_head(make_config("tiny", hidden_size=32), tmp / "bad-head")
+    questions = ["Write a haiku about rain.", "What is 7 times 8?", "Name three rivers.", "Say hi."]
+    with open(tmp / "prompts.jsonl", "w") as f:
+        for i, q in enumerate(questions):
+            f.write(json.dumps({"question_id": i + 1, "category": ["writing", "math"][i % 2], "turns": [q]}) + "\n")
+    (tmp / "empty.jsonl").write_text("")
+    return tmp
+
+
+def cli(files, *extra, target=None, mtp=None):
+    return ["--target", str(target or files / "target"), "--mtp", str(mtp or files / "ckpt"),
+            "--prompts", str(files / "prompts.jsonl"), "--device", "cpu", "--max-new-tokens", "6",
+            "--batch-size", "3", *extra]
+
+
+def test_cli_writes_full_report(files):
+    report, plot = files / "report.json", files / "plot.png"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_acceptance.py"),
+                          *cli(files, "--steps", "2", "--report", str(report), "--plot", str(plot))],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "acceptance length" in res.stdout
+    rep = json.loads(report.read_text())
+    assert REPORT_FIELDS <= set(rep)
+    assert rep["num_prompts"] == 4 and rep["steps"] == 2 and len(rep["accept_histogram"]) == 3
+    assert len(rep["per_position_acceptance"]) == 2 and rep["lossless"] is True
+    assert set(rep["per_category"]) == {"writing", "math"}
+    assert all(PROMPT_FIELDS <= set(row) for row in rep["per_prompt"])
+    assert all(len(row["output_token_ids"]) <= 6 for row in rep["per_prompt"])
+    assert plot.stat().st_size > 0
+
+
+@pytest.mark.parametrize("case, match", [
+    ("k0", "--steps must be >= 1"),
+    ("missing_target", "does not exist"),
+    ("missing_head", "does not exist"),
+    ("empty_prompts", "no usable prompts|empty|no rows"),
+    ("mismatched_head", "head|hidden|shape"),
+    ("max_len", "prompt 1 .*--max-len"),
+])
+def test_cli_bad_input(files, case, match):
+    args = {
+        "k0": cli(files, "--steps", "0"),
+        "missing_target": cli(files, target=files / "nope"),
+        "missing_head": cli(files, mtp=files / "nope"),
+        "empty_prompts": cli(files) + ["--prompts", str(files / "empty.jsonl")],
+        "mismatched_head": cli(files, mtp=files / "bad-head"),
+        "max_len": cli(files, "--max-len", "12"),
+    }[case]
+    with pytest.raises(SystemExit) as exc:
+        eval_acceptance.main(args)
+    assert exc.value.code != 0
+
+    assert re.search(match, str(exc.value.code), re.IGNORECASE), exc.value.code
+
+
+def test_bench_decode_cpu_smoke(tmp_path):
+    """scripts/bench_decode.py end to end on the tiny config (the GPU run uses the same code)."""
+    import bench_decode
+
+    out = tmp_path / "bench.json"
+    rc = bench_decode.main(["--config", "tiny", "--device", "cpu", "--batch-sizes", "1,2", "--ks", "1,2",
+                            "--ctx", "8", "--iters", "2", "--hf-tokens", "3", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert rc == 0 and not res["errors"], res["errors"]
+    assert set(res["decode_tok_s"]) == {"1", "2"} and set(res["verify_step_ms"]) == {"K=1", "K=2"}
+    assert set(res["hf_generate_tok_s"]) == {"1", "2"} and res["lossless_check"]["mismatching_rows"] == 0
+    for key in ("hf_static_compile_tok_s", "hbm_floor_ms", "gpu", "date", "torch", "transformers"):
+        assert key in res
+    assert "| batch |" in res["markdown"]
