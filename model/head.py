@@ -23,6 +23,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     Qwen3MoeDecoderLayer,
@@ -68,6 +69,7 @@ class MTPHead(nn.Module):
         self.norm = Qwen3MoeRMSNorm(hidden, eps=eps)
         # RoPE tables are buffers (non-persistent), never exported
         self.rotary_emb = Qwen3MoeRotaryEmbedding(cfg)
+        self.activation_checkpointing = False  # set by train/ (head.activation_checkpointing)
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
@@ -118,26 +120,46 @@ class MTPHead(nn.Module):
         position_ids_BT: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache=None,
-    ) -> torch.Tensor:
-        """Returns h' = norm(layer(fc(...))), the lm_head input. [B, T, H]
+        num_steps: int | None = None,
+    ):
+        """h' = norm(layer(fc(...))), the lm_head input, [B, T, H].
 
-        With `attention_mask=None` and sdpa/eager attention the layer is causal over T, which is
-        what training uses (right padding never leaks into real tokens).
-        `cache` is a transformers `Cache` (evaluator) or None (training).
+        With `attention_mask=None` the layer is causal over T (sdpa's is_causal; head_config
+        never leaves eager attention in place), which is what training uses: right padding never
+        leaks into real tokens. `cache` is a transformers `Cache` or None (training).
+
+        `num_steps=k` runs the k-step training recursion in ONE call and returns a list of k
+        outputs: step j+1 at position q reads step j's output at q-1 (q = 0 keeps the target
+        state), the chain-drafting recursion of model/loss.py. One call per training step matters
+        under ZeRO-3, whose parameter hooks expect a module to be entered once per forward.
         """
+        if num_steps is None:
+            return self._step(embeds_BTH, hidden_BTH, position_ids_BT, attention_mask, cache)
+        outs, inp_BTH = [], hidden_BTH
+        for j in range(num_steps):
+            out_BTH = self._step(embeds_BTH, inp_BTH, position_ids_BT, attention_mask, None)
+            outs.append(out_BTH)
+            if j + 1 < num_steps:
+                inp_BTH = torch.cat([hidden_BTH[:, :1].to(out_BTH.dtype), out_BTH[:, :-1]], dim=1)
+        return outs
+
+    def _step(self, embeds_BTH, hidden_BTH, position_ids_BT, attention_mask, cache) -> torch.Tensor:
         z = self.fuse(embeds_BTH, hidden_BTH)
         pos_emb = self.rotary_emb(z, position_ids_BT)
         kwargs = {}
         if cache is not None:
             kwargs["past_key_values"] = cache
             kwargs["use_cache"] = True
-        y = self.layers[0](
-            z,
-            attention_mask=attention_mask,
-            position_ids=position_ids_BT,
-            position_embeddings=pos_emb,
-            **kwargs,
-        )
+        layer = self.layers[0]
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            # recompute the MoE layer in backward: its expert activations are the bulk of memory
+            y = checkpoint(
+                lambda z_, c_, s_: layer(z_, attention_mask=attention_mask, position_ids=position_ids_BT,
+                                         position_embeddings=(c_, s_)),
+                z, pos_emb[0], pos_emb[1], use_reentrant=False,
+            )
+        else:
+            y = layer(z, attention_mask=attention_mask, position_ids=position_ids_BT, position_embeddings=pos_emb, **kwargs)
         if isinstance(y, tuple):  # older transformers return (hidden,)
             y = y[0]
         return self.norm(y)

@@ -55,7 +55,8 @@ class LossOutput:
 
 def _chunk_terms(h_NH, w_VH, labels_N, soft_NH, loss_type: str):
     """Sum of CE and KL over a chunk, plus top-1 hits. Logits in fp32, freed after use."""
-    logits_NV = F.linear(h_NH, w_VH).float()
+    # cast to the head weight's dtype: under autocast the head hands back fp32 (bf16 lm_head)
+    logits_NV = F.linear(h_NH.to(w_VH.dtype), w_VH).float()
     ce = torch.zeros((), device=h_NH.device, dtype=torch.float32)
     kl = torch.zeros((), device=h_NH.device, dtype=torch.float32)
     if loss_type == "ce":
@@ -67,7 +68,7 @@ def _chunk_terms(h_NH, w_VH, labels_N, soft_NH, loss_type: str):
         if loss_type == "ce+kl":
             ce = F.nll_loss(logp_NV, labels_N, reduction="sum")
         with torch.no_grad():
-            logp_t_NV = F.log_softmax(F.linear(soft_NH, w_VH).float(), dim=-1)
+            logp_t_NV = F.log_softmax(F.linear(soft_NH.to(w_VH.dtype), w_VH).float(), dim=-1)
         kl = (logp_t_NV.exp() * (logp_t_NV - logp_NV)).sum()
     hits = (logits_NV.argmax(dim=-1) == labels_N).sum().detach()
     return ce, kl, hits
@@ -143,9 +144,9 @@ def mtp_loss(
 
     total = hidden_BLH.new_zeros((), dtype=torch.float32)
     step_loss, correct, count = [], [], []
-    inp_BLH = hidden_BLH
-    for j in range(num_steps):
-        out_BLH = head(embeds_BLH, inp_BLH, position_ids_BL)
+    # all k steps in one head call (the recursion is in MTPHead.forward; ZeRO-3 needs one entry)
+    outs = head(embeds_BLH, hidden_BLH, position_ids_BL, num_steps=num_steps)
+    for j, out_BLH in enumerate(outs):
         mask_BL = label_mask_BL.clone()
         mask_BL[:, :j] = False  # step j+1 needs an output of step j at q-1
         n = int(mask_BL.sum())
@@ -164,9 +165,6 @@ def mtp_loss(
         step_loss.append(mean.detach().float())
         correct.append(hits)
         count.append(torch.tensor(n, device=out_BLH.device))
-        if j + 1 < num_steps:
-            # step j+2 at q reads step j+1's output at q-1; q = 0 keeps the target state
-            inp_BLH = torch.cat([hidden_BLH[:, :1], out_BLH[:, :-1]], dim=1)
     return LossOutput(
         loss=total,
         step_loss=torch.stack(step_loss),

@@ -89,8 +89,7 @@ def build_head(cfg: Config, target: FrozenTarget) -> MTPHead:
 
         head.load_state_dict(load_mtp_state(init, target.config), strict=True)
     head.to(device=target.device, dtype=torch.float32)
-    if cfg.head.activation_checkpointing:
-        head.layers[0].gradient_checkpointing = True
+    head.activation_checkpointing = cfg.head.activation_checkpointing
     n = sum(p.numel() for p in head.parameters())
     print0(f"head: init={init}, {n / 1e6:.2f}M trainable params, num_steps={cfg.head.num_steps}, loss={cfg.head.loss}")
     return head
@@ -178,6 +177,23 @@ def build_optimizer(cfg: Config, head: MTPHead, device: torch.device):
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.train.warmup_steps, cfg.train.max_steps)
     return optimizer, scheduler
+
+
+def allow_cpu_record_stream() -> None:
+    """DeepSpeed 0.19's ZeRO-3 zero_grad calls `grad.record_stream()` on leaf-module gradients,
+    which CPU tensors reject ("unknown parameter type"). Streams mean nothing on CPU, so there it is
+    a no-op; CUDA tensors keep the real method. Only the CPU test/demo path needs this."""
+    original = torch.Tensor.record_stream
+    if getattr(original, "_cpu_noop", False):
+        return
+
+    def record_stream(self, stream):
+        if self.device.type == "cpu":
+            return None
+        return original(self, stream)
+
+    record_stream._cpu_noop = True
+    torch.Tensor.record_stream = record_stream
 
 
 # ----------------------------------------------------------------------------- state
@@ -427,6 +443,15 @@ def evaluate_heldout(cfg, accelerator, target, head, heldout_ds, pad_id) -> dict
 
 # ----------------------------------------------------------------------------- main
 
+def flat_config(cfg: Config) -> dict:
+    """`section.key` -> scalar, as trackers want (tensorboard's hparams takes no None or lists)."""
+    flat = {}
+    for section, values in to_dict(cfg).items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
 def main(argv: list[str] | None = None) -> int:
     config_path, overrides = parse_args(argv)
     cfg = load_config(config_path, overrides)
@@ -448,6 +473,15 @@ def main(argv: list[str] | None = None) -> int:
     head = build_head(cfg, target)
     train_ds, heldout_ds, sampler, report = build_data(cfg, tokenizer, accelerator)
     optimizer, scheduler = build_optimizer(cfg, head, device)
+    if getattr(getattr(accelerator.state, "deepspeed_plugin", None), "zero_stage", 0) == 3:
+        # ZeRO-3 reduces a parameter's gradient per use; the k recursive steps use every head
+        # parameter k times per forward. As a "leaf" the head is gathered once per forward and its
+        # gradients reduced once after backward (0.63B params for 30B-A3B: cheap to gather whole).
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(head, [MTPHead])
+        if device.type == "cpu":
+            allow_cpu_record_stream()
     head, optimizer, scheduler = accelerator.prepare(head, optimizer, scheduler)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -464,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if cfg.log.backend != "none":
         accelerator.init_trackers(
-            cfg.log.project, config=to_dict(cfg),
+            cfg.log.project, config=flat_config(cfg),
             init_kwargs={"wandb": {"name": cfg.log.run_name, "dir": str(out_dir)}} if cfg.log.backend == "wandb" else {},
         )
     finished = train_loop(cfg, accelerator, target, head, optimizer, scheduler, train_ds, sampler, state, out_dir, metrics, pad_id)

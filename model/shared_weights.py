@@ -1,0 +1,195 @@
+"""The few target tensors that offline training needs, read without loading the target.
+
+With stored hidden states (data/hidden_states.py, `data.hidden_states=DIR`) the head never runs
+the target: it only needs the target's frozen `embed_tokens` and `lm_head` (and, for
+`head.init=last_layer`, the target's last decoder layer). For Qwen3-30B-A3B that is 1.2 GB of
+the 61 GB checkpoint; `safe_open` reads just those tensors from the safetensors files.
+
+    target = load_shared_weights("Qwen3-30B-A3B", device="cuda", last_layer=True)
+    target.embed_tokens, target.lm_head     # frozen nn.Embedding / nn.Linear, like FrozenTarget's
+    target.last_layer                       # Qwen3MoeDecoderLayer (only when last_layer=True)
+    target.hidden(ids)                      # ValueError: offline mode has no target forward
+
+Footgun: experts on disk are per-expert 2-D tensors (`mlp.experts.{e}.gate_proj.weight`, what
+`save_pretrained` of transformers 5 writes and what the published Qwen3 checkpoints hold), while
+transformers' in-memory layer fuses them (`mlp.experts.gate_up_proj` [E, 2I, H], gate rows
+first; `mlp.experts.down_proj` [E, H, I]). `_fuse_experts` does that conversion; a checkpoint
+that already stores the fused names is taken as is.
+
+Plain single-device code: no accelerate, no DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeDecoderLayer
+
+from model.target import default_dtype, load_target_config, set_experts_implementation
+
+SINGLE_WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+EMBED_NAME = "model.embed_tokens.weight"
+LM_HEAD_NAME = "lm_head.weight"
+FINAL_NORM_NAME = "model.norm.weight"
+
+
+# ------------------------------------------------------------------------------ reading
+def local_model_dir(path: str | Path) -> Path:
+    """`path` as a local model directory (a path to its config.json is accepted too)."""
+    p = Path(path)
+    if p.is_file() and p.name == "config.json":
+        p = p.parent
+    if not (p / "config.json").is_file():
+        raise ValueError(
+            f"'{path}' is not a local model directory with config.json; offline hidden states "
+            "need the target on disk (download it once and point target.path at the directory)"
+        )
+    return p
+
+
+def weight_map(model_dir: str | Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it, for a single-file or indexed checkpoint."""
+    model_dir = local_model_dir(model_dir)
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        try:
+            entries = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"cannot read the weight index '{index}': {exc}") from exc
+        return {name: model_dir / file for name, file in entries.items()}
+    single = model_dir / SINGLE_WEIGHTS_NAME
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return {name: single for name in f.keys()}
+    raise ValueError(
+        f"'{model_dir}' has neither {INDEX_NAME} nor {SINGLE_WEIGHTS_NAME}; the target must be a "
+        "safetensors checkpoint (save it with save_pretrained)"
+    )
+
+
+def read_tensors(files: dict[str, Path], names: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Tensors `names` only, opening each file that holds one of them once."""
+    missing = [n for n in names if n not in files]
+    if missing:
+        raise ValueError(f"the target checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    out: dict[str, torch.Tensor] = {}
+    for file, file_names in by_file.items():
+        if not file.is_file():
+            raise ValueError(f"the weight index maps {file_names[:3]} to '{file}', which does not exist")
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for name in file_names:
+                out[name] = f.get_tensor(name)
+    return out
+
+
+def _fuse_experts(state: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
+    """Per-expert `mlp.experts.{e}.{gate,up,down}_proj.weight` -> transformers' fused
+    `mlp.experts.gate_up_proj` [E, 2I, H] (gate rows first) and `mlp.experts.down_proj` [E, H, I].
+    Keys are relative to the layer; a state that is already fused passes through."""
+    if "mlp.experts.gate_up_proj" in state:
+        return state
+    out = {k: v for k, v in state.items() if not k.startswith("mlp.experts.")}
+    try:
+        out["mlp.experts.gate_up_proj"] = torch.stack([
+            torch.cat([state[f"mlp.experts.{e}.gate_proj.weight"], state[f"mlp.experts.{e}.up_proj.weight"]], dim=0)
+            for e in range(num_experts)
+        ])
+        out["mlp.experts.down_proj"] = torch.stack([state[f"mlp.experts.{e}.down_proj.weight"] for e in range(num_experts)])
+    except KeyError as exc:
+        raise ValueError(f"the target's last layer lacks expert tensor {exc}; is its last layer dense (mlp_only_layers)?") from None
+    return out
+
+
+# ------------------------------------------------------------------------------ the light target
+class SharedTarget(nn.Module):
+    """What the trainer uses of a `FrozenTarget` when hidden states come from disk: `config`,
+    `embed_tokens`, `lm_head`, `device` and, when loaded, `last_layer`. All frozen."""
+
+    def __init__(self, config: Qwen3MoeConfig, embed_tokens: nn.Embedding, lm_head: nn.Linear,
+                 last_layer: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = embed_tokens
+        self.lm_head = lm_head
+        self._last_layer = last_layer
+        self.eval()
+        self.requires_grad_(False)
+
+    @property
+    def last_layer(self) -> nn.Module:
+        if self._last_layer is None:
+            raise ValueError("the target's last layer was not loaded; call load_shared_weights(..., last_layer=True)")
+        return self._last_layer
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def hidden(self, *args, **kwargs):
+        raise ValueError(
+            "this target holds only embed_tokens and lm_head (offline hidden states, data.hidden_states); "
+            "batches must carry 'hidden' from the dump. Unset data.hidden_states to run the target forward"
+        )
+
+
+def load_shared_weights(
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    *,
+    last_layer: bool = False,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+) -> SharedTarget:
+    """Read the target's config, `model.embed_tokens.weight`, `lm_head.weight` (the embedding when
+    the config ties them) and, with `last_layer=True`, every `model.layers.{L-1}.*` tensor."""
+    model_dir = local_model_dir(path)
+    config = load_target_config(str(model_dir), trust_remote_code)
+    # the same implementation choices FrozenTarget.load makes, so MTPHead(config) is the same head
+    set_experts_implementation(config, device)
+    config._attn_implementation = attn_implementation
+    dtype = dtype or default_dtype(device)
+    files = weight_map(model_dir)
+    tied = LM_HEAD_NAME not in files and getattr(config, "tie_word_embeddings", False)
+    tensors = read_tensors(files, [EMBED_NAME] + ([] if tied else [LM_HEAD_NAME]), device)
+    embed_w = tensors[EMBED_NAME].to(dtype)
+    head_w = embed_w if tied else tensors[LM_HEAD_NAME].to(dtype)
+    vocab, hidden = config.vocab_size, config.hidden_size
+    for name, w in ((EMBED_NAME, embed_w), (LM_HEAD_NAME, head_w)):
+        if tuple(w.shape) != (vocab, hidden):
+            raise ValueError(f"{name} in '{model_dir}' has shape {tuple(w.shape)}, the config says {(vocab, hidden)}")
+    with torch.device("meta"):
+        embed = nn.Embedding(vocab, hidden, padding_idx=getattr(config, "pad_token_id", None))
+        lm_head = nn.Linear(hidden, vocab, bias=False)
+    embed.weight = nn.Parameter(embed_w, requires_grad=False)
+    lm_head.weight = nn.Parameter(head_w, requires_grad=False)
+    layer = _load_last_layer(config, files, device, dtype) if last_layer else None
+    return SharedTarget(config, embed, lm_head, layer)
+
+
+def _load_last_layer(config: Qwen3MoeConfig, files: dict[str, Path], device, dtype) -> Qwen3MoeDecoderLayer:
+    idx = config.num_hidden_layers - 1
+    prefix = f"model.layers.{idx}."
+    names = [n for n in files if n.startswith(prefix)]
+    if not names:
+        raise ValueError(f"the target checkpoint has no {prefix}* tensors")
+    raw = read_tensors(files, names, device)
+    state = _fuse_experts({n[len(prefix):]: t for n, t in raw.items()}, config.num_experts)
+    with torch.device("meta"):
+        layer = Qwen3MoeDecoderLayer(config, layer_idx=idx)
+    expected = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != got:
+        diff = sorted(set(expected) ^ set(got)) or sorted(k for k in expected if expected[k] != got[k])
+        raise ValueError(f"the target's layer {idx} does not match a Qwen3-MoE decoder layer of this config; differs at {diff[:5]}")
+    layer.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    return layer.eval().requires_grad_(False)

@@ -1,0 +1,420 @@
+"""Benchmark one MTP training step on one GPU: a naive step vs ours (online and offline).
+
+    python scripts/bench_train.py --out docs/results/bench_train_h200.json     # one H200, about 3 min
+    python scripts/bench_train.py --activation-checkpointing --out ...         # + rows with a checkpointed head
+    python scripts/bench_train.py --config tiny --device cpu --batch 2 --seq 64   # smoke test on a CPU
+
+A Qwen3-30B-A3B-shaped target with random bf16 weights is built directly on the GPU (61 GB), then
+each variant runs `--warmup` steps and reports the median of `--iters` steps at batch x seq
+tokens (default 4 x 2048), one after the other in the same process:
+
+  naive    what design.md §5 measured (272 ms): the plain transformers forward of the frozen target
+           with transformers' default experts implementation (printed), the MTP head, full fp32
+           logits [B, T, V] and cross-entropy over all tokens (full-vocab KL for ce+kl), fused AdamW;
+  online   ours: `train.train_mtp.loss_for_batch` (FrozenTarget.hidden with grouped_mm experts +
+           model.loss.mtp_loss, chunked vocabulary projection), backward, grad clipping and the
+           trainer's fused AdamW + scheduler (`build_optimizer`);
+  offline  the same with the hidden states given in the batch (data.hidden_states): no target
+           forward; measured after the target's decoder layers are freed, so its peak memory is
+           that of an offline run (embed_tokens + lm_head + head + optimizer + activations).
+
+for loss in ce, ce+kl and k in 1, 3. No DeepSpeed: the head keeps fp32 weights and runs under
+bf16 autocast (accelerate's single-GPU mixed precision). Breakdown per step from CUDA events:
+target forward, head forward+backward including the loss, optimizer (clip + AdamW + zero_grad).
+The FLOP floor counts 2 x active params x tokens (+ causal attention) for the target forward,
+3x that for the head's forward+backward per step, and 4 x H x V per scored token per step for the
+lm_head (forward + input gradient; + 2 x H x V once for ce+kl's target distribution), at
+`--peak-tflops` (801 = bf16 matmul measured on the H200, design.md §5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
+
+from model.configs import NAMED, make_config  # noqa: E402
+from model.head import MTPHead  # noqa: E402
+from model.loss import step_weights  # noqa: E402
+from model.shared_weights import SharedTarget  # noqa: E402
+from model.target import FrozenTarget, default_dtype  # noqa: E402
+from train.config import config_from_dict  # noqa: E402
+from train.train_mtp import build_optimizer, loss_for_batch  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="qwen3-30b-a3b", choices=sorted(NAMED))
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--losses", default="ce,ce+kl")
+    p.add_argument("--steps", default="1,3", help="k values (head.num_steps)")
+    p.add_argument("--chunk-size", type=int, default=4096, help="head.loss_chunk_size")
+    p.add_argument("--mask-frac", type=float, default=1.0, help="fraction of tokens with loss_mask=1 (naive scores all)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="also time our head with a checkpointed decoder layer")
+    p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=801.0)
+    p.add_argument("--out", default=None, help="write the results as JSON")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- timing
+class Marks:
+    """Named time points of one step: CUDA events on a GPU, perf_counter on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.points: dict[str, object] = {}
+
+    def __call__(self, name: str) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.points[name] = ev
+        else:
+            self.points[name] = time.perf_counter()
+
+    def ms(self, a: str, b: str) -> float:
+        if a not in self.points or b not in self.points:
+            return 0.0
+        if self.cuda:
+            return self.points[a].elapsed_time(self.points[b])
+        return (self.points[b] - self.points[a]) * 1e3
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def autocast(device: torch.device):
+    # accelerate's single-GPU bf16 mixed precision; on a CPU everything is fp32
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------- building
+def build_target(name: str, device: torch.device, dtype: torch.dtype) -> tuple[FrozenTarget, str]:
+    """Random target built in place on `device` (never a CPU/fp32 copy: 122 GB for 30B).
+    Returns it and transformers' default experts implementation for this config."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
+
+    config = make_config(name)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen3MoeForCausalLM(config)  # transformers' own init (normal_) runs on the device
+    finally:
+        torch.set_default_dtype(prev)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, config.hidden_size**-0.5)  # unit-variance logits, as build_random_target
+    default_impl = model.config._experts_implementation  # what from_pretrained/plain init resolves to
+    return FrozenTarget(model), default_impl
+
+
+@torch.no_grad()
+def build_head(config, device: torch.device) -> MTPHead:
+    with torch.device(device):
+        head = MTPHead(config)
+    gen = torch.Generator(device=device).manual_seed(1)
+    for name, p in head.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, config.initializer_range, generator=gen)
+    return head.float().train()
+
+
+def set_checkpointing(head: MTPHead, on: bool) -> None:
+    head.activation_checkpointing = on  # what train/ sets from head.activation_checkpointing
+
+
+def make_batch(vocab: int, B: int, T: int, mask_frac: float) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": torch.randint(0, min(vocab, 151643), (B, T), generator=g),
+        "loss_mask": (torch.rand(B, T, generator=g) < mask_frac).long(),
+        "attention_mask": torch.ones(B, T, dtype=torch.long),
+    }
+
+
+# ----------------------------------------------------------------------------- steps
+def naive_step(target, head, optimizer, batch, device, num_steps: int, loss_type: str, marks: Marks) -> None:
+    """Plain transformers target forward, full fp32 logits over all tokens, no chunking."""
+    ids = batch["input_ids"].to(device)
+    attn = batch["attention_mask"].to(device)
+    B, T = ids.shape
+    L = T - 1
+    marks("target_start")
+    with torch.no_grad():
+        hidden = target.model.model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state  # [B, T, H]
+    marks("target_end")
+    with autocast(device):
+        with torch.no_grad():
+            embeds = target.embed_tokens(ids[:, 1:]).float()  # e(x_{q+1}) [B, L, H]
+            logp_t = None
+            if loss_type != "ce":  # the target's distribution for x_{q+2}: softmax(lm_head(h_{q+1})) [B, L-1, V]
+                logp_t = F.log_softmax(target.lm_head(hidden[:, 1:L]).float(), dim=-1)
+        h0 = hidden[:, :L].float()
+        labels = ids[:, 2:].reshape(-1)
+        pos = torch.arange(L, device=device).unsqueeze(0).expand(B, L)
+        total, inp = 0.0, h0
+        for w in step_weights(num_steps, 0.6):
+            out = head(embeds, inp, pos)
+            logits = target.lm_head(out[:, : L - 1]).float()  # [B, L-1, V] fp32, all of it at once
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels)
+            if logp_t is not None:
+                loss = loss + F.kl_div(F.log_softmax(logits, dim=-1), logp_t, log_target=True, reduction="sum") / labels.numel()
+            total = total + w * loss
+            inp = torch.cat([h0[:, :1], out[:, :-1]], dim=1)
+    total.backward()
+    marks("backward_end")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def our_step(cfg, target, head, optimizer, scheduler, batch, device, marks: Marks) -> None:
+    """The trainer's own step: loss_for_batch (target.hidden or batch["hidden"], mtp_loss), backward,
+    clipping, AdamW + scheduler. target.hidden is timed through an instance wrapper."""
+    with autocast(device):
+        out, _ = loss_for_batch(cfg, target, head, batch, device)
+    out.loss.backward()
+    marks("backward_end")
+    if cfg.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.train.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def timed_hidden(target, marks_ref: list):
+    """target.hidden with time marks, run outside autocast as in the trainer (accelerate's autocast
+    wraps only the head's forward)."""
+    orig = type(target).hidden.__get__(target)
+
+    def hidden(*args, **kwargs):
+        marks_ref[0]("target_start")
+        with torch.autocast("cuda", enabled=False):
+            h = orig(*args, **kwargs)
+        marks_ref[0]("target_end")
+        return h
+
+    return hidden
+
+
+def run_variant(step_fn, device, warmup: int, iters: int, marks_ref: list) -> dict:
+    free(device)
+    rows = []
+    for i in range(warmup + iters):
+        marks = Marks(device)
+        marks_ref[0] = marks
+        marks("start")
+        step_fn(marks)
+        marks("end")
+        sync(device)
+        if i >= warmup:
+            target_ms = marks.ms("target_start", "target_end")
+            rows.append({
+                "step_ms": marks.ms("start", "end"),
+                "target_ms": target_ms,
+                "head_ms": marks.ms("start", "backward_end") - target_ms,
+                "optimizer_ms": marks.ms("backward_end", "end"),
+            })
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    med["peak_gib"] = peak_gib(device)
+    return med
+
+
+# ----------------------------------------------------------------------------- FLOPs
+def active_params(cfg) -> tuple[int, int]:
+    """(matmul params touched per token by one MoE decoder layer, causal-attention width nq*hd)."""
+    H, hd = cfg.hidden_size, cfg.head_dim
+    nq, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    attn = H * nq * hd * 2 + H * nkv * hd * 2
+    moe = H * cfg.num_experts + cfg.num_experts_per_tok * 3 * H * cfg.moe_intermediate_size
+    return attn + moe, nq * hd
+
+
+def floor_flops(cfg, B: int, T: int, k: int, loss: str, n_scored: int, online: bool) -> float:
+    per_layer, attn_width = active_params(cfg)
+    N = B * T
+    attn_fwd = 2 * B * T * T * attn_width  # QK^T + PV, causal half
+    target = cfg.num_hidden_layers * (2 * per_layer * N + attn_fwd) if online else 0
+    head_fwd = 2 * (per_layer + 2 * cfg.hidden_size * cfg.hidden_size) * N + attn_fwd  # + fc
+    vocab = 2 * cfg.hidden_size * cfg.vocab_size * n_scored
+    total = target + k * (3 * head_fwd + 2 * vocab) + (vocab if loss != "ce" else 0)
+    return float(total)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: no GPU visible; use --device cpu for a smoke test")
+    dtype = default_dtype(device)
+    losses = args.losses.split(",")
+    ks = [int(k) for k in args.steps.split(",")]
+    B, T = args.batch, args.seq
+    t_start = time.perf_counter()
+
+    target, naive_impl = build_target(args.config, device, dtype)
+    ours_impl = "grouped_mm" if device.type == "cuda" else "eager"
+    cfg_t = target.config
+    sync(device)
+    print(f"target {args.config}: {sum(p.numel() for p in target.parameters()) / 1e9:.2f}B params, {dtype}, "
+          f"built in {time.perf_counter() - t_start:.0f} s; experts: naive={naive_impl} (transformers default), ours={ours_impl}")
+    batch = make_batch(cfg_t.vocab_size, B, T, args.mask_frac)
+    n_scored = int(batch["loss_mask"][:, 2:].sum())
+    marks_ref = [Marks(device)]
+    results = []
+
+    def record(variant, loss, k, med, ac=False):
+        online = variant != "offline"
+        flops = floor_flops(cfg_t, B, T, k, loss, B * (T - 2) if variant == "naive" else n_scored, online)
+        floor_s = flops / (args.peak_tflops * 1e12)
+        row = {"variant": variant + ("+ac" if ac else ""), "loss": loss, "k": k, **med}
+        if med.get("step_ms"):
+            row.update(tok_s=B * T / (med["step_ms"] / 1e3), floor_tok_s=B * T / floor_s,
+                       floor_frac=floor_s / (med["step_ms"] / 1e3))
+        results.append(row)
+        print(fmt_row(row), flush=True)
+
+    print(header())
+    cfg_t._experts_implementation = naive_impl
+    naive_head = build_head(cfg_t, device)
+    if not args.skip_naive:
+        for loss in losses:
+            for k in ks:
+                opt = torch.optim.AdamW(naive_head.parameters(), lr=1e-4, fused=device.type == "cuda")
+                step = functools.partial(naive_step, target, naive_head, opt, batch, device, k, loss)
+                record("naive", loss, k, guarded(run_variant, step, device, args.warmup, args.iters, marks_ref))
+                del opt, step
+    cfg_t._experts_implementation = ours_impl  # read at call time by every expert block of the target
+    head = naive_head if naive_impl == ours_impl else build_head(cfg_t, device)
+    del naive_head
+
+    def ours(variant, tgt, b, loss, k, ac):
+        set_checkpointing(head, ac)
+        cfg = config_from_dict({"head": {"num_steps": k, "loss": loss, "loss_chunk_size": args.chunk_size},
+                                "train": {"lr": 1e-4, "warmup_steps": 0, "max_steps": 10**6}})
+        optimizer, scheduler = build_optimizer(cfg, head, device)
+        step = functools.partial(our_step, cfg, tgt, head, optimizer, scheduler, b, device)
+        record(variant, loss, k, guarded(run_variant, step, device, args.warmup, args.iters, marks_ref), ac)
+        del optimizer, scheduler, step
+        head.zero_grad(set_to_none=True)
+
+    target.hidden = timed_hidden(target, marks_ref)  # instance attribute: loss_for_batch's call is timed
+    for ac in [False, True] if args.activation_checkpointing else [False]:
+        for loss in losses:
+            for k in ks:
+                ours("online", target, batch, loss, k, ac)
+
+    # offline: hidden states given; the target's decoder layers are freed first, as an offline run never loads them
+    with torch.no_grad():
+        hidden = FrozenTarget.hidden(target, batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu()
+    offline_batch = {**batch, "hidden": hidden}  # on the host, like a collated batch of stored rows
+    light = SharedTarget(cfg_t, target.embed_tokens, target.lm_head)
+    del target
+    free(device)
+    if device.type == "cuda":
+        print(f"# offline: {torch.cuda.memory_allocated(device) / 2**30:.1f} GiB resident after freeing the target's layers")
+    for ac in [False, True] if args.activation_checkpointing else [False]:
+        for loss in losses:
+            for k in ks:
+                ours("offline", light, offline_batch, loss, k, ac)
+
+    summary = summarize(results)
+    print(f"\n{'loss/k':10s} {'naive tok/s':>12s} {'online tok/s':>13s} {'offline tok/s':>14s} {'online/naive':>13s}")
+    for key, s in summary.items():
+        ratio = s["online_tok_s"] / s["naive_tok_s"] if s.get("online_tok_s") and s.get("naive_tok_s") else float("nan")
+        print(f"{key:10s} {s.get('naive_tok_s') or 0:12,.0f} {s.get('online_tok_s') or 0:13,.0f} "
+              f"{s.get('offline_tok_s') or 0:14,.0f} {ratio:13.2f}")
+    wall = time.perf_counter() - t_start
+    print(f"total {wall:.0f} s")
+    if args.out:
+        import transformers
+
+        report = {
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "config": args.config, "batch": B, "seq": T, "tokens_per_step": B * T, "mask_frac": args.mask_frac,
+            "loss_chunk_size": args.chunk_size, "peak_tflops": args.peak_tflops, "warmup": args.warmup, "iters": args.iters,
+            "experts_implementation": {"naive": naive_impl, "ours": ours_impl},
+            "precision": "target bf16; head fp32 weights under bf16 autocast; fused AdamW" if device.type == "cuda" else "fp32",
+            "wall_s": wall, "results": results, "summary": summary,
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def guarded(fn, step, device, warmup, iters, marks_ref) -> dict:
+    """A variant that runs out of GPU memory is reported as such, and the benchmark goes on."""
+    try:
+        return fn(step, device, warmup, iters, marks_ref)
+    except torch.cuda.OutOfMemoryError as exc:
+        print(f"# out of memory: {str(exc).splitlines()[0]}")
+        return {"oom": True, "peak_gib": peak_gib(device)}
+    finally:
+        free(device)
+
+
+def summarize(results: list[dict]) -> dict:
+    """{"ce/k=1": {naive_tok_s, online_tok_s, offline_tok_s, peak_gib: {naive, online, offline}}, ...}"""
+    out: dict[str, dict] = {}
+    for r in results:
+        s = out.setdefault(f"{r['loss']}/k={r['k']}", {"peak_gib": {}})
+        v = r["variant"].replace("+ac", "_ac")
+        s[f"{v}_tok_s"] = r.get("tok_s")
+        s["peak_gib"][v] = r.get("peak_gib")
+        if v == "online":
+            s["floor_tok_s"] = r.get("floor_tok_s")
+    return out
+
+
+def header() -> str:
+    return (f"{'variant':12s} {'loss':6s} {'k':>2s} {'step ms':>8s} {'target':>8s} {'head':>8s} {'optim':>7s} "
+            f"{'tok/s':>9s} {'floor tok/s':>11s} {'of floor':>8s} {'peak GiB':>8s}")
+
+
+def fmt_row(r: dict) -> str:
+    if r.get("oom"):
+        return f"{r['variant']:12s} {r['loss']:6s} {r['k']:2d}  out of memory"
+    peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.1f}"
+    return (f"{r['variant']:12s} {r['loss']:6s} {r['k']:2d} {r['step_ms']:8.1f} {r['target_ms']:8.1f} {r['head_ms']:8.1f} "
+            f"{r['optimizer_ms']:7.1f} {r['tok_s']:9,.0f} {r['floor_tok_s']:11,.0f} {r['floor_frac']:8.1%} {peak:>8s}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
