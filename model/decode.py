@@ -47,11 +47,13 @@ from typing import NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 
+from model import moe_kernels
 from model.head import MTPHead, head_param_shapes
 from model.target import FrozenTarget
 
 IM_END_ID = 151645  # <|im_end|>, the Qwen3 chat end of turn
-EXPERT_IMPLS = ("loop", "gather", "grouped_mm")
+# "triton": model/moe_kernels.py for N*k <= moe_kernels.MAX_PAIRS (decode), grouped_mm above
+EXPERT_IMPLS = ("loop", "gather", "grouped_mm", "triton")
 CACHE_ALIGN = 16  # slots; keeps SDPA's attention-mask rows aligned for the fused kernels
 
 
@@ -176,19 +178,30 @@ def _mlp(x_BTH, lw: LayerWeights, d: Dims, experts: str):
     if lw.router is None:
         gate, up = F.linear(x_NH, lw.gate_up).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, lw.down).view(B, T, H)
+    logits_NE = F.linear(x_NH, lw.router)
+    if experts == "triton" and x_NH.shape[0] * d.top_k <= moe_kernels.MAX_PAIRS:
+        # top-k of the logits = top-k of the softmax (monotone; equal logits give equal
+        # probabilities, so ties are the same); the kernel turns the k top logits into the
+        # renormalised weights: no softmax / renormalisation kernels
+        top_Nk, idx_Nk = torch.topk(logits_NE, d.top_k, dim=-1)
+        lse_N = top_Nk if d.norm_topk else torch.logsumexp(logits_NE.float(), -1)  # (unread if norm_topk)
+        y_NkH = moe_kernels.expert_pairs(x_NH, idx_Nk, top_Nk, lse_N, lw.gate_up, lw.down, d.norm_topk)
+        return y_NkH.sum(1).to(x_BTH.dtype).view(B, T, H)
     # transformers' router: softmax in fp32 -> top-k -> renormalise -> model dtype
-    probs_NE = F.softmax(F.linear(x_NH, lw.router), dim=-1, dtype=torch.float)
+    probs_NE = F.softmax(logits_NE, dim=-1, dtype=torch.float)
     w_Nk, idx_Nk = torch.topk(probs_NE, d.top_k, dim=-1)
     if d.norm_topk:
         w_Nk = w_Nk / w_Nk.sum(-1, keepdim=True)
-    out = _EXPERTS[experts](x_NH, idx_Nk, w_Nk.to(x_BTH.dtype), lw.gate_up, lw.down)
+    impl = "grouped_mm" if experts == "triton" else experts  # triton above MAX_PAIRS
+    out = _EXPERTS[impl](x_NH, idx_Nk, w_Nk.to(x_BTH.dtype), lw.gate_up, lw.down)
     return out.view(B, T, H)
 
 
-def _attention(x_BTH, lw: LayerWeights, d: Dims, k_cache, v_cache, cos, sin, mask, bidx, pos):
+def _attention(x_BTH, lw: LayerWeights, d: Dims, kv_cache, cos, sin, mask, bidx, pos):
     """Writes this call's K/V at (row, position) and attends to the row's cache.
 
-    k_cache/v_cache [B, n_kv, S, D]; cos/sin [B, T, 1, D]; pos/bidx [B, T].
+    kv_cache [2, B, n_kv, S, D] (k then v: one index_put writes both); cos/sin [B, T, 1, D];
+    pos/bidx [B, T].
     mask None = prefill (the cache held nothing: causal attention over the new tokens);
     otherwise an additive mask [B, 1, G*T, S] for the query heads grouped per kv head.
     """
@@ -201,8 +214,9 @@ def _attention(x_BTH, lw: LayerWeights, d: Dims, k_cache, v_cache, cos, sin, mas
     qk = qk * cos + _rotate_half(qk) * sin
     q, k = qk.split([nq, nkv], dim=2)
     v = v.view(B, T, nkv, D)
-    k_cache[bidx, :, pos] = k
-    v_cache[bidx, :, pos] = v
+    # advanced indices at dims 1 and 3 (split by a slice) go first: the value is [B, T, 2, nkv, D]
+    kv_cache[:, bidx, :, pos] = torch.stack([k, v], dim=2)
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
     if mask is None:
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True, enable_gqa=True, scale=D**-0.5)
@@ -217,9 +231,9 @@ def _attention(x_BTH, lw: LayerWeights, d: Dims, k_cache, v_cache, cos, sin, mas
     return F.linear(o.reshape(B, T, nq * D), lw.o)
 
 
-def decoder_layer(x_BTH, lw: LayerWeights, d: Dims, k_cache, v_cache, cos, sin, mask, bidx, pos, experts: str):
+def decoder_layer(x_BTH, lw: LayerWeights, d: Dims, kv_cache, cos, sin, mask, bidx, pos, experts: str):
     """One Qwen3-MoE decoder layer (pre-norm attention + pre-norm MoE, residuals)."""
-    h = x_BTH + _attention(rms_norm(x_BTH, lw.input_norm, d.eps), lw, d, k_cache, v_cache, cos, sin, mask, bidx, pos)
+    h = x_BTH + _attention(rms_norm(x_BTH, lw.input_norm, d.eps), lw, d, kv_cache, cos, sin, mask, bidx, pos)
     return h + _mlp(rms_norm(h, lw.post_norm, d.eps), lw, d, experts)
 
 
@@ -249,6 +263,9 @@ class _Stack:
         self.experts_prefill = "grouped_mm" if cuda else "loop"
         if self.experts_step not in EXPERT_IMPLS:
             raise ValueError(f"experts={self.experts_step!r}; choose one of {EXPERT_IMPLS}")
+        if self.experts_step == "triton" and not moe_kernels.available(self.device):
+            raise ValueError(f"experts='triton' needs triton and a CUDA device (got {self.device}; on CPU only "
+                             "under TRITON_INTERPRET=1); use experts='grouped_mm'")
         self.layer_step = decoder_layer
         if compile:
             # one compiled graph per (B, T) shape, shared by all layers (weights are arguments)
@@ -256,32 +273,39 @@ class _Stack:
             limit = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
             setattr(dyn, limit, max(getattr(dyn, limit), 64))
             self.layer_step = torch.compile(decoder_layer, dynamic=False, fullgraph=True)
-        self.k_cache = self.v_cache = None
+        self.kv_cache = None  # [layers, 2 (k, v), B, n_kv, S, D]
         self.cache_version = 0
+
+    @property
+    def k_cache(self):  # [layers, B, n_kv, S, D] views
+        return None if self.kv_cache is None else self.kv_cache[:, 0]
+
+    @property
+    def v_cache(self):
+        return None if self.kv_cache is None else self.kv_cache[:, 1]
 
     def allocate(self, batch_size: int, max_len: int) -> None:
         d = self.dims
-        shape = (len(self.layers), batch_size, d.n_kv, max_len, d.head_dim)
-        self.k_cache = self.v_cache = None  # free the old cache first
-        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        shape = (len(self.layers), 2, batch_size, d.n_kv, max_len, d.head_dim)
+        self.kv_cache = None  # free the old cache first
+        self.kv_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.cos, self.sin = _rope_table(self.rotary, max_len, self.device, self.dtype)
         self.cache_version += 1
 
     def run(self, x_BTH, pos_BT, prefill: bool):
-        if self.k_cache is None:
+        if self.kv_cache is None:
             raise RuntimeError("call allocate(batch_size, max_len) before forward")
         B, T = pos_BT.shape
-        assert B == self.k_cache.shape[1], f"batch {B} != cache batch {self.k_cache.shape[1]}"
+        assert B == self.kv_cache.shape[2], f"batch {B} != cache batch {self.kv_cache.shape[2]}"
         cos, sin = self.cos[pos_BT].unsqueeze(2), self.sin[pos_BT].unsqueeze(2)
         bidx = torch.arange(B, device=pos_BT.device)[:, None].expand(B, T)
         if prefill:
             mask, layer_fn, experts = None, decoder_layer, self.experts_prefill
         else:
-            mask = _step_mask(pos_BT, self.k_cache.shape[3], self.dims.n_heads // self.dims.n_kv, x_BTH.dtype)
+            mask = _step_mask(pos_BT, self.kv_cache.shape[4], self.dims.n_heads // self.dims.n_kv, x_BTH.dtype)
             layer_fn, experts = self.layer_step, self.experts_step
         for i, lw in enumerate(self.layers):
-            x_BTH = layer_fn(x_BTH, lw, self.dims, self.k_cache[i], self.v_cache[i], cos, sin, mask, bidx, pos_BT, experts)
+            x_BTH = layer_fn(x_BTH, lw, self.dims, self.kv_cache[i], cos, sin, mask, bidx, pos_BT, experts)
         return x_BTH
 
 

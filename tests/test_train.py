@@ -95,8 +95,9 @@ def test_two_process_zero_run_loss_falls(tiny_target_dir, chat_jsonl, tmp_path, 
     cmd = LAUNCH + ["--config_file", str(ROOT / f"configs/accelerate/cpu_zero{stage}.yaml"),
                     str(ROOT / "train/train_mtp.py"), "--config", str(ROOT / "configs/tiny.yaml")]
     run(cmd + base_overrides(tiny_target_dir, chat_jsonl, out, **{
-        "train.max_steps": 24, "train.save_every": 12, "head.num_steps": 2, "train.micro_batch_size": 1,
-        # ZeRO-3 also covers the checkpointed head (recomputed layer inside a leaf module)
+        "train.max_steps": 24, "train.save_every": 12, "train.micro_batch_size": 1,
+        # k=2 under ZeRO-2; ZeRO-3 trains k=1 (k > 1 is refused there) with a checkpointed layer
+        "head.num_steps": 2 if stage == 2 else 1,
         "head.activation_checkpointing": "true" if stage == 3 else "false"}), timeout=1200)
     recs = train_records(out)
     assert len(recs) == 24
@@ -180,6 +181,15 @@ def test_clear_errors(tiny_target_dir, chat_jsonl, tmp_path, override, message):
     p = run(TRAIN + base_overrides(tiny_target_dir, chat_jsonl, tmp_path / "bad", **override), check=False)
     assert p.returncode != 0
     assert message in (p.stderr + p.stdout)[-3000:]
+
+
+@pytest.mark.slow
+def test_zero3_refuses_recursive_steps(tiny_target_dir, chat_jsonl, tmp_path):
+    cmd = LAUNCH + ["--config_file", str(ROOT / "configs/accelerate/cpu_zero3.yaml"),
+                    str(ROOT / "train/train_mtp.py"), "--config", str(ROOT / "configs/tiny.yaml")]
+    p = run(cmd + base_overrides(tiny_target_dir, chat_jsonl, tmp_path / "z3k2", **{"head.num_steps": 2}),
+            check=False, timeout=600)
+    assert p.returncode != 0 and "not supported under DeepSpeed ZeRO-3" in p.stdout + p.stderr
 
 
 def test_target_that_is_not_qwen3_moe_is_refused(chat_jsonl, tmp_path):

@@ -126,6 +126,17 @@ def make_accelerator(cfg: Config, device: torch.device):
         zero = f", ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
     print0(f"accelerator: {accelerator.distributed_type.value}{zero}, {accelerator.num_processes} process(es), "
            f"device {device}, mixed precision {accelerator.mixed_precision}")
+    if zero == ", ZeRO-3" and cfg.head.num_steps > 1:
+        # ZeRO-3 reduces a parameter's gradient once per use in the graph; the k recursive steps
+        # use every head parameter k times and DeepSpeed 0.19 asserts (duplicate ds_id in a reduce
+        # bucket). Marking the head a ZeRO-3 "leaf" module avoids the assert but its gradients then
+        # never reach the optimizer (measured: the loss stays flat), so refuse instead of training
+        # nothing.
+        raise ValueError(
+            f"head.num_steps={cfg.head.num_steps} is not supported under DeepSpeed ZeRO-3: each head parameter "
+            "is used k times per step. The head is small (0.63B params for Qwen3-30B-A3B): train it under "
+            "ZeRO-2 (configs/accelerate/zero2.yaml), or use head.num_steps=1 with ZeRO-3"
+        )
     if accelerator.num_processes != env_world_size():
         raise RuntimeError(f"accelerate sees {accelerator.num_processes} processes but WORLD_SIZE={env_world_size()}")
     return accelerator
@@ -177,23 +188,6 @@ def build_optimizer(cfg: Config, head: MTPHead, device: torch.device):
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.train.warmup_steps, cfg.train.max_steps)
     return optimizer, scheduler
-
-
-def allow_cpu_record_stream() -> None:
-    """DeepSpeed 0.19's ZeRO-3 zero_grad calls `grad.record_stream()` on leaf-module gradients,
-    which CPU tensors reject ("unknown parameter type"). Streams mean nothing on CPU, so there it is
-    a no-op; CUDA tensors keep the real method. Only the CPU test/demo path needs this."""
-    original = torch.Tensor.record_stream
-    if getattr(original, "_cpu_noop", False):
-        return
-
-    def record_stream(self, stream):
-        if self.device.type == "cpu":
-            return None
-        return original(self, stream)
-
-    record_stream._cpu_noop = True
-    torch.Tensor.record_stream = record_stream
 
 
 # ----------------------------------------------------------------------------- state
@@ -473,15 +467,6 @@ def main(argv: list[str] | None = None) -> int:
     head = build_head(cfg, target)
     train_ds, heldout_ds, sampler, report = build_data(cfg, tokenizer, accelerator)
     optimizer, scheduler = build_optimizer(cfg, head, device)
-    if getattr(getattr(accelerator.state, "deepspeed_plugin", None), "zero_stage", 0) == 3:
-        # ZeRO-3 reduces a parameter's gradient per use; the k recursive steps use every head
-        # parameter k times per forward. As a "leaf" the head is gathered once per forward and its
-        # gradients reduced once after backward (0.63B params for 30B-A3B: cheap to gather whole).
-        from deepspeed.utils import set_z3_leaf_modules
-
-        set_z3_leaf_modules(head, [MTPHead])
-        if device.type == "cpu":
-            allow_cpu_record_stream()
     head, optimizer, scheduler = accelerator.prepare(head, optimizer, scheduler)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
