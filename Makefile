@@ -31,6 +31,7 @@ artifacts/tiny-target/config.json: $(STAMP)
 demo: artifacts/tiny-target/config.json
 	$(PY) -m accelerate.commands.launch --config_file configs/accelerate/cpu_zero2.yaml \
 		train/train_mtp.py --config configs/tiny.yaml train.output_dir=$(DEMO) train.resume=none
+	$(PY) scripts/export_mtp.py --check $(DEMO)/export --target artifacts/tiny-target
 	$(PY) scripts/eval_acceptance.py --target artifacts/tiny-target --mtp $(DEMO)/export \
 		--prompts $(DEMO)/eval_prompts.jsonl --steps 2 --max-new-tokens 24 --batch-size 4 \
 		--device cpu --report $(DEMO)/eval_export.json

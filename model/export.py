@@ -362,6 +362,17 @@ def load_mtp_state(path: str | Path, target_config) -> dict[str, torch.Tensor]:
     return mtp_to_head(tensors, target_config)
 
 
+def verify_export(path: str | Path, target_config) -> int:
+    """Check an existing export (draft dir or merged dir) against the target config: its `mtp.*`
+    tensor set must equal the expected names and shapes, all finite. Returns the tensor count;
+    raises ExportError listing the differences (what SGLang would silently skip or leave unset)."""
+    layout, tensors = _read_weights(Path(path))
+    if layout != "mtp":
+        raise ExportError(f"'{path}' is a training checkpoint, not an export (no mtp.* names); export it first")
+    check_mtp_tensors(tensors, target_config)
+    return len(tensors)
+
+
 def load_into_head(head: nn.Module, path: str | Path) -> nn.Module:
     """Load MTP weights from `path` (any form `load_mtp_state` accepts) into an `MTPHead`,
     strictly, casting to the head's dtype and device. Returns the head."""

@@ -19,24 +19,36 @@ from pathlib import Path
 # run from a source checkout without `pip install -e .`
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.export import DEFAULT_MAX_SHARD_BYTES, DTYPES, EXPORT_INFO_NAME, export_mtp  # noqa: E402
+from model.export import DEFAULT_MAX_SHARD_BYTES, DTYPES, EXPORT_INFO_NAME, export_mtp, verify_export  # noqa: E402
+from model.target import load_target_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint-<step>/, final/, an export dir, or a .safetensors file")
+    p.add_argument("--checkpoint", help="checkpoint-<step>/, final/, an export dir, or a .safetensors file")
+    p.add_argument("--check", metavar="DIR", help="only verify an existing export's mtp.* names and shapes against --target")
     p.add_argument("--target", required=True, help="local Qwen3-MoE model dir the head was trained for")
-    p.add_argument("--out", required=True, help="output dir (built in a temp dir next to it, then renamed)")
+    p.add_argument("--out", help="output dir (built in a temp dir next to it, then renamed)")
     p.add_argument("--merge", action="store_true", help="write a copy of the target with an added mtp shard instead of a draft dir")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="dtype of the exported tensors (default bf16)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES, help="shard size limit (default 5 GiB)")
     p.add_argument("--acceptance-length", type=float, default=None, help="measured acceptance length, recorded in export_info.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.check and not (args.checkpoint and args.out):
+        p.error("--checkpoint and --out are required (or --check DIR to verify an export)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.check:
+        try:
+            count = verify_export(args.check, load_target_config(args.target))
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        print(f"{args.check}: {count} mtp.* tensors, names and shapes match what SGLang loads for {args.target}")
+        return
     try:
         out = export_mtp(
             args.checkpoint, args.target, args.out, merge=args.merge, dtype=args.dtype, force=args.force,

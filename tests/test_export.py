@@ -564,3 +564,31 @@ def test_cli_errors_are_one_line_messages(tmp_path, checkpoint, target):
     (out / "sub").mkdir(parents=True)
     with pytest.raises(SystemExit, match="error: .*pass --force"):
         cli.main(["--checkpoint", str(checkpoint), "--target", str(target), "--out", str(out)])
+
+
+def test_check_cli_verifies_an_export_and_refuses_a_checkpoint(tmp_path):
+    """`export_mtp.py --check` passes a fresh export and refuses a training checkpoint dir."""
+    import subprocess
+    import sys as _sys
+
+    from model.configs import build_random_target
+    from model.head import MTPHead
+    from model.export import export_mtp
+    from safetensors.torch import save_file
+
+    model = build_random_target("tiny", vocab_size=512, bos_token_id=0, eos_token_id=1)
+    target = tmp_path / "target"
+    model.save_pretrained(target)
+    ck = tmp_path / "final"
+    ck.mkdir()
+    head = MTPHead(model.config)
+    head.init_random(seed=0)
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(ck / "head.safetensors"))
+    out = export_mtp(ck, target, tmp_path / "export", dtype="fp32")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "export_mtp.py"
+    ok = subprocess.run([_sys.executable, str(script), "--check", str(out), "--target", str(target)],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "names and shapes match" in ok.stdout
+    bad = subprocess.run([_sys.executable, str(script), "--check", str(ck), "--target", str(target)],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "not an export" in bad.stderr

@@ -207,3 +207,13 @@ def test_empty_data_file_is_an_error(tiny_target_dir, tmp_path):
     empty.write_text("")
     p = run(TRAIN + base_overrides(tiny_target_dir, empty, tmp_path / "bad"), check=False)
     assert p.returncode != 0 and "empty.jsonl" in p.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend, pattern", [("wandb", "wandb/offline-run-*"), ("tensorboard", "**/events.out.tfevents.*")])
+def test_logging_backends_work_offline(tiny_target_dir, chat_jsonl, tmp_path, backend, pattern):
+    """wandb with no API key logs offline without prompting; tensorboard writes event files."""
+    out = tmp_path / backend
+    p = subprocess.run(TRAIN + base_overrides(tiny_target_dir, chat_jsonl, out, **{"train.max_steps": 2, "log.backend": backend}),
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert list(out.glob(pattern)), sorted(str(x) for x in out.rglob("*"))[:20]
