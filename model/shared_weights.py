@@ -30,10 +30,9 @@ from torch import nn
 from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeDecoderLayer
 
+from model.export import INDEX_NAME, SINGLE_WEIGHTS_NAME
 from model.target import default_dtype, load_target_config, set_experts_implementation
 
-SINGLE_WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 EMBED_NAME = "model.embed_tokens.weight"
 LM_HEAD_NAME = "lm_head.weight"
 FINAL_NORM_NAME = "model.norm.weight"

@@ -16,11 +16,17 @@ def main(argv=None) -> int:
     p.add_argument("--key", default="acceptance_length")
     p.add_argument("--tolerance", type=float, default=0.0, help="allowed absolute difference")
     args = p.parse_args(argv)
-    va = json.load(open(args.a))[args.key]
-    vb = json.load(open(args.b))[args.key]
+    ra, rb = json.load(open(args.a)), json.load(open(args.b))
+    va, vb = ra[args.key], rb[args.key]
     ok = abs(va - vb) <= args.tolerance
     print(f"{args.key}: {args.a} = {va:.4f}, {args.b} = {vb:.4f} -> {'match' if ok else 'MISMATCH'}")
-    return 0 if ok else 1
+    # the same head on the same prompts must also draft and emit the same tokens
+    rows_a, rows_b = ra.get("per_prompt", []), rb.get("per_prompt", [])
+    same = len(rows_a) == len(rows_b) and all(
+        x["output_token_ids"] == y["output_token_ids"] and x["verify_steps"] == y["verify_steps"]
+        for x, y in zip(rows_a, rows_b))
+    print(f"per-prompt outputs and verify steps: {'identical' if same else 'DIFFERENT'} ({len(rows_a)} prompts)")
+    return 0 if ok and same else 1
 
 
 if __name__ == "__main__":
