@@ -122,7 +122,7 @@ def make_accelerator(cfg: Config, device: torch.device):
         ds["train_batch_size"] = cfg.train.micro_batch_size * cfg.train.grad_accum * accelerator.num_processes
         ds["gradient_clipping"] = cfg.train.grad_clip
     zero = ""
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # for the log line and the ZeRO-3 check
         zero = f", ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
     print0(f"accelerator: {accelerator.distributed_type.value}{zero}, {accelerator.num_processes} process(es), "
            f"device {device}, mixed precision {accelerator.mixed_precision}")
@@ -153,7 +153,9 @@ def build_data(cfg: Config, tokenizer, accelerator):
         ds.check_compatible(cfg.target.path, tokenizer, cfg.data)  # a mismatching dump is refused
         report = ds.skip_report()
     else:
-        with accelerator.main_process_first():  # rank 0 tokenizes and fills the datasets cache
+        # rank 0 first: it writes the shared source caches (e.g. the packaged ShareGPT as JSONL);
+        # every rank then tokenizes its own in-memory copy
+        with accelerator.main_process_first():
             ds, report = build_chat_dataset(
                 cfg.data.train, tokenizer, cfg.data.max_length, limit=cfg.data.limit, num_proc=cfg.data.num_proc,
             )
