@@ -55,8 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--report", default=None, help="write the report JSON here")
     p.add_argument("--plot", default=None, help="write a PNG of per-position acceptance and the histogram")
     p.add_argument("--no-baseline", action="store_true", help="skip plain decoding (no speedup, no lossless)")
-    p.add_argument("--experts", default=None, choices=["loop", "gather", "grouped_mm"],
-                   help="MoE kernel of decode steps (default: grouped_mm on CUDA, loop on CPU)")
+    p.add_argument("--experts", default=None, choices=["loop", "gather", "grouped_mm", "triton"],
+                   help="MoE kernel of decode steps (default: grouped_mm on CUDA, loop on CPU; triton: opt-in small-batch kernels, CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder layer of decode steps")
     return p.parse_args(argv)
 
