@@ -217,3 +217,20 @@ def test_logging_backends_work_offline(tiny_target_dir, chat_jsonl, tmp_path, ba
                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert p.returncode == 0, p.stderr[-3000:]
     assert list(out.glob(pattern)), sorted(str(x) for x in out.rglob("*"))[:20]
+
+
+@pytest.mark.slow
+def test_eval_after_training_gates_the_export(tiny_target_dir, chat_jsonl, tmp_path):
+    """eval.enabled runs the evaluator on the held-out slice, logs its acceptance length, and
+    eval.min_acceptance_length keeps a head that does not reach it from being exported."""
+    out = tmp_path / "gated"
+    p = run(TRAIN + base_overrides(tiny_target_dir, chat_jsonl, out, **{
+        "train.max_steps": 2, "data.holdout": 4, "eval.enabled": "true", "eval.num_prompts": 2,
+        "eval.max_new_tokens": 4, "eval.steps": 2, "eval.batch_size": 2, "export.enabled": "true",
+        "eval.min_acceptance_length": 4.5}))
+    report = json.loads((out / "eval.json").read_text())
+    assert report["steps"] == 2 and report["num_prompts"] == 2 and 1.0 <= report["acceptance_length"] <= 3.0
+    summary = json.loads((out / "final" / "metrics.json").read_text())
+    assert summary["eval_acceptance_length"] == report["acceptance_length"]
+    assert not (out / "export").exists()
+    assert "export skipped" in p.stdout + p.stderr
