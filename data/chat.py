@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -387,14 +388,42 @@ def build_chat_dataset(
     limit: int | None = None,
     num_proc: int = 1,
     split: str = "train",
+    cache_dir: str | Path | None = None,
 ) -> tuple[datasets.Dataset, SkipReport]:
     """Load, normalize, render and tokenize a chat source for training.
 
     Returns (dataset with columns input_ids, loss_mask, length; SkipReport). `limit` counts raw
     rows read, before skipping. Raises ValueError when no row survives.
+
+    With `cache_dir`, the tokenized dataset is saved there under a key made of the source's
+    content, the tokenizer (vocabulary, merges, chat template), max_length, limit and split, and
+    loaded from there next time: in a multi-GPU run rank 0 tokenizes and the other ranks load.
     """
     if max_length < 1:
         raise ValueError(f"max_length={max_length} must be positive; set data.max_length")
+    if cache_dir is not None:
+        from data.hidden_states import source_fingerprint, tokenizer_fingerprint
+
+        key = hashlib.sha256("|".join([
+            "chats-v1", source_fingerprint(source), tokenizer_fingerprint(tokenizer),
+            str(max_length), str(limit), split,
+        ]).encode()).hexdigest()[:20]
+        entry = Path(cache_dir) / f"chats-{key}"
+        if (entry / "skip_report.json").exists():
+            saved = json.loads((entry / "skip_report.json").read_text())
+            report = SkipReport(total=saved["total"], skipped=Counter(saved["skipped"]))
+            report.kept = saved["kept"]
+            log.info("%s: tokenized rows from cache %s", source, entry)
+            return datasets.load_from_disk(str(entry / "dataset")), report
+        dataset, report = build_chat_dataset(source, tokenizer, max_length, limit, num_proc, split)
+        tmp = Path(cache_dir) / f".tmp-chats-{key}-{os.getpid()}"
+        dataset.save_to_disk(str(tmp / "dataset"))
+        (tmp / "skip_report.json").write_text(json.dumps(report.as_dict()))
+        try:
+            os.replace(tmp, entry)
+        except OSError:  # another process finished the same entry first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return datasets.load_from_disk(str(entry / "dataset")), report
     rows = load_chat_rows(source, split=split, limit=limit)
     # An explicit fingerprint: otherwise datasets hashes the map function, tokenizer included
     # (seconds for a 151k vocab). The dataset is in memory, so nothing is cached on disk anyway.

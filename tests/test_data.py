@@ -342,3 +342,26 @@ def test_collate_batch_right_pads():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert all(t.dtype == torch.long for t in batch.values())
     assert collate_batch(rows, pad_id=0, pad_to_multiple_of=8)["input_ids"].shape == (2, 8)
+
+
+def test_tokenized_rows_are_cached_by_content(qwen3_tokenizer, tmp_path, monkeypatch):
+    """The second build with the same inputs loads from disk; other inputs make a new entry."""
+    import data.chat as chat
+
+    src = Path(_write_jsonl(tmp_path / "chats.jsonl", [SHAREGPT_ROW, OPENAI_ROW, {"messages": []}]))
+    cache = tmp_path / "cache"
+    ds1, rep1 = build_chat_dataset(str(src), qwen3_tokenizer, 256, cache_dir=cache)
+    assert len(list(cache.glob("chats-*"))) == 1
+
+    def boom(*a, **k):
+        raise AssertionError("tokenized again despite the cache")
+
+    monkeypatch.setattr(chat, "_tokenize_batch", boom)
+    ds2, rep2 = build_chat_dataset(str(src), qwen3_tokenizer, 256, cache_dir=cache)
+    assert ds2["input_ids"] == ds1["input_ids"] and ds2["loss_mask"] == ds1["loss_mask"]
+    assert rep2.as_dict() == rep1.as_dict() and rep1.skipped["empty"] == 1
+    monkeypatch.undo()
+    build_chat_dataset(str(src), qwen3_tokenizer, 128, cache_dir=cache)  # another max_length
+    src.write_text(src.read_text() + json.dumps(SHAREGPT_ROW) + "\n")  # another content
+    build_chat_dataset(str(src), qwen3_tokenizer, 256, cache_dir=cache)
+    assert len(list(cache.glob("chats-*"))) == 3 and not list(cache.glob(".tmp-*"))

@@ -153,11 +153,12 @@ def build_data(cfg: Config, tokenizer, accelerator):
         ds.check_compatible(cfg.target.path, tokenizer, cfg.data)  # a mismatching dump is refused
         report = ds.skip_report()
     else:
-        # rank 0 first: it writes the shared source caches (e.g. the packaged ShareGPT as JSONL);
-        # every rank then tokenizes its own in-memory copy
+        # rank 0 first: it tokenizes and saves the rows under <output_dir>/data_cache; the other
+        # ranks (and a resumed run) load them from there
         with accelerator.main_process_first():
             ds, report = build_chat_dataset(
                 cfg.data.train, tokenizer, cfg.data.max_length, limit=cfg.data.limit, num_proc=cfg.data.num_proc,
+                cache_dir=Path(cfg.train.output_dir) / "data_cache",
             )
     print0(f"data: {report.summary()}")
     holdout = min(cfg.data.holdout, max(len(ds) - 1, 0))
