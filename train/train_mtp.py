@@ -364,7 +364,8 @@ def train_loop(cfg, accelerator, target, head, optimizer, scheduler, train_ds, s
             win.update(loss=torch.zeros((), device=device), n=0, correct=torch.zeros(K, device=device),
                        count=torch.zeros(K, device=device), tokens=0, t0=time.perf_counter())
 
-        stop_now = agree_on_stop(accelerator, stop.requested, device)
+        # a signal during the last step just lets the run finish (final/ and export follow)
+        stop_now = not last and agree_on_stop(accelerator, stop.requested, device)
         if (cfg.train.save_every and state.step % cfg.train.save_every == 0 and not last) or stop_now:
             path = save_checkpoint(accelerator, head, cfg, state, out_dir)
             print0(f"saved {path}")
