@@ -284,6 +284,14 @@ def load_chat_rows(source: str, split: str = "train", limit: int | None = None) 
 # messages -> tokens
 
 
+def _parse_row(raw: str):
+    """One stored row (JSON text) back to its object; unparsable text is a `bad_json` row."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise BadRow("bad_json", str(e)) from None
+
+
 def render_with_assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """Render `messages` with the tokenizer's chat template; return (text, spans).
 
@@ -359,10 +367,7 @@ def _tokenize_batch(batch: dict, tokenizer, max_length: int) -> dict:
     rendered = {}  # row index -> (text, spans)
     for i, raw in enumerate(batch["raw"]):
         try:
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise BadRow("bad_json", str(e)) from None
+            row = _parse_row(raw)
             rendered[i] = render_with_assistant_spans(tokenizer, normalize_messages(row))
         except BadRow as e:
             skip[i] = e.reason
@@ -466,10 +471,7 @@ def chat_prompts(source: str, tokenizer, limit: int | None = None) -> list[dict]
     prompts, report = [], SkipReport(total=len(rows))
     for i, raw in enumerate(rows["raw"]):
         try:
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise BadRow("bad_json", str(e)) from None
+            row = _parse_row(raw)
             if isinstance(row, dict) and "prompt_ids" in row:
                 # already rendered and tokenized (e.g. the held-out prompts a training run saves)
                 ids = row["prompt_ids"]
