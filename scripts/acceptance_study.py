@@ -80,6 +80,8 @@ def phase_target(a, W: Path) -> None:
            "--seed", str(a.seed), "--time-budget-s", str(a.target_budget_s)]
     if a.mt_bench:
         cmd += ["--mt-bench", a.mt_bench]
+    if a.smoke:
+        cmd += ["--smoke"]
     run(cmd)
 
 
@@ -116,11 +118,15 @@ def phase_data(a, W: Path) -> None:
 def train_command(a, W: Path, name: str, port: int) -> list[str]:
     k, loss, init, data = HEADS[name]
     holdout = json.loads((W / "data" / "data.json").read_text())["holdout"]
+    if a.smoke:  # one plain CPU process per head, the tiny config's settings
+        launch = [sys.executable, "train/train_mtp.py", "--config", "configs/tiny.yaml", "data.num_proc=1"]
+    else:
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/zero2.yaml",
+                  "--main_process_port", str(port), "train/train_mtp.py", "--config", "configs/gpu_small.yaml", "data.num_proc=2"]
     return [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/zero2.yaml", "--main_process_port", str(port),
-        "train/train_mtp.py", "--config", "configs/gpu_small.yaml",
+        *launch,
         f"target.path={W / 'target'}", f"data.train={W / 'data' / f'train_{data}.jsonl'}", "data.limit=null",
-        f"data.holdout={holdout}", f"data.max_length={a.max_length}", "data.num_proc=2",
+        f"data.holdout={holdout}", f"data.max_length={a.max_length}",
         f"head.num_steps={k}", f"head.loss={loss}", f"head.init={init}",
         f"train.output_dir={W / 'heads' / name}", f"train.max_steps={a.train_steps}",
         f"train.micro_batch_size={a.train_batch_size}", f"train.lr={a.train_lr}", "train.warmup_steps=30",
@@ -134,6 +140,9 @@ def phase_train(a, W: Path) -> None:
     --train-budget-s the rest get SIGTERM: train_mtp saves a checkpoint and a rerun resumes."""
     (W / "heads").mkdir(parents=True, exist_ok=True)
     pending = [n for n in a.heads if not (W / "heads" / n / "final").exists()]
+    if not pending:
+        print(f"train: all {len(a.heads)} heads done (final/ exists); nothing to train")
+        return
     procs = {}
     for i, name in enumerate(pending):
         log = open(W / "heads" / f"{name}.log", "a")
@@ -179,37 +188,42 @@ def phase_eval(a, W: Path) -> None:
     # the held-out prompts train_mtp's own eval hook would use: the first assistant turn's
     # prompt of each held-out (regenerated) conversation, rendered as training renders it
     held_ds, _ = build_chat_dataset(str(W / "data" / "regen_heldout.jsonl"), tok, a.max_length, limit=holdout)
-    prompts = {"mt_bench": chat_prompts(a.mt_bench, tok), "sharegpt_heldout": heldout_prompts(held_ds, a.heldout_prompts)}
+    prompts = {"sharegpt_heldout": heldout_prompts(held_ds, a.heldout_prompts)}
+    if a.mt_bench:
+        prompts["mt_bench"] = chat_prompts(a.mt_bench, tok, limit=a.mt_bench_prompts)
+    else:
+        print("eval: no --mt-bench file; MT-Bench rows skipped")
     target = FrozenTarget.load(str(W / "target"), device="cuda" if torch.cuda.is_available() else "cpu")
     tlm = TargetLM(target)
-    drafters = [("ngram", None)] + [("mtp", n) for n in a.heads if (W / "heads" / n / "final").exists()]
+    names = [n for n in a.heads if (W / "heads" / n / "final").exists()]
+    heads = {n: load_head(W / "heads" / n / "final", tlm.config, tlm.device, tlm.dtype) for n in names}
+    drafters = [("ngram", None)] + [("mtp", n) for n in names]
+    # the rows that matter most first (T=0, MT-Bench), so a spent budget leaves the tail missing
+    grid = [(pset, T, drafter, name, K) for T in a.temperatures for pset in PROMPT_SETS if pset in prompts
+            for drafter, name in drafters for K in a.ks]
     t0 = time.perf_counter()
     with open(rows_path, "a", encoding="utf-8") as out:
-        for drafter, name in drafters:
-            head = load_head(W / "heads" / name / "final", tlm.config, tlm.device, tlm.dtype) if name else None
-            for pset in PROMPT_SETS:
-                for T in (0.0, 1.0):
-                    for K in (1, 2, 3):
-                        if (drafter, name, pset, T, K) in done:
-                            continue
-                        if time.perf_counter() - t0 > a.eval_budget_s:
-                            print("eval: budget spent; rerun --phase eval to continue")
-                            return
-                        rep = evaluate(tlm, head, tok, prompts[pset], steps=K, temperature=T, batch_size=a.eval_batch_size,
-                                       max_new_tokens=a.max_new_tokens, seed=a.seed, drafter=drafter, progress=False)
-                        row = {"drafter": drafter, "head": name, "prompts": pset, "temperature": T, "steps": K,
-                               **{k: rep[k] for k in ("acceptance_length", "per_position_acceptance",
-                                                      "per_position_acceptance_unconditional", "accept_histogram",
-                                                      "num_prompts", "generated_tokens", "spec_tokens_per_s",
-                                                      "baseline_tokens_per_s", "speedup", "lossless", "lossless_mismatches",
-                                                      "batch_size", "max_new_tokens")},
-                               "outputs": [p["output_token_ids"] for p in rep["per_prompt"]] if drafter == "ngram" and K == 1 else None}
-                        out.write(json.dumps(row) + "\n")
-                        out.flush()
-                        done[(drafter, name, pset, T, K)] = row
-                        print(f"eval: {drafter:5s} {name or '-':20s} {pset:16s} T={T} K={K}: AL {row['acceptance_length']:.3f} "
-                              f"speedup {row['speedup'] or 0:.2f}x lossless {row['lossless']}", flush=True)
-            del head
+        for pset, T, drafter, name, K in grid:
+            if (drafter, name, pset, T, K) in done:
+                continue
+            if time.perf_counter() - t0 > a.eval_budget_s:
+                print("eval: budget spent; rerun --phase eval to continue")
+                return
+            rep = evaluate(tlm, heads.get(name), tok, prompts[pset], steps=K, temperature=T, batch_size=a.eval_batch_size,
+                           max_new_tokens=a.max_new_tokens, seed=a.seed, drafter=drafter, progress=False)
+            row = {"drafter": drafter, "head": name, "prompts": pset, "temperature": T, "steps": K,
+                   **{k: rep[k] for k in ("acceptance_length", "per_position_acceptance",
+                                          "per_position_acceptance_unconditional", "accept_histogram",
+                                          "num_prompts", "generated_tokens", "spec_tokens_per_s",
+                                          "baseline_tokens_per_s", "speedup", "lossless", "lossless_mismatches",
+                                          "batch_size", "max_new_tokens")},
+                   # the n-gram K=1 run's baseline is plain decoding: the target's own outputs
+                   "outputs": [p["output_token_ids"] for p in rep["per_prompt"]] if drafter == "ngram" and K == a.ks[0] else None}
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+            done[(drafter, name, pset, T, K)] = row
+            print(f"eval: {drafter:5s} {name or '-':20s} {pset:16s} T={T} K={K}: AL {row['acceptance_length']:.3f} "
+                  f"speedup {row['speedup'] or 0:.2f}x lossless {row['lossless']} ({time.perf_counter() - t0:.0f}s)", flush=True)
     write_results(a, W, list(done.values()), tok)
 
 
@@ -264,7 +278,7 @@ def write_results(a, W: Path, rows: list[dict], tok) -> None:
         "date": datetime.date.today().isoformat(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
-        "commands": [f"python scripts/acceptance_study.py --phase {p}" for p in ("target", "data", "train", "eval")],
+        "commands": read_jsonl(W / "commands.jsonl") if (W / "commands.jsonl").exists() else [],
         "settings": {"max_new_tokens": a.max_new_tokens, "eval_batch_size": a.eval_batch_size, "train_steps": a.train_steps,
                      "train_micro_batch_size": a.train_batch_size, "train_lr": a.train_lr, "max_length": a.max_length,
                      "num_train_conversations": json.loads((W / "data" / "data.json").read_text()),
@@ -343,7 +357,25 @@ def parse_args(argv=None):
     p.add_argument("--heldout-prompts", type=int, default=100)
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--eval-budget-s", type=float, default=480.0)
-    return p.parse_args(argv)
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3], help="draft steps K to evaluate")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    p.add_argument("--mt-bench-prompts", type=int, default=None, help="first N MT-Bench questions (default all 80)")
+    p.add_argument("--smoke", action="store_true",
+                   help="the whole study in minutes on a CPU: tiny target, a few rows, two heads (tests)")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.data = "sharegpt-package" if a.data == p.get_default("data") else a.data
+        a.results = str(Path(a.work) / "acceptance_study.json") if a.results == p.get_default("results") else a.results
+        if a.mt_bench and not Path(a.mt_bench).is_file():
+            a.mt_bench = None
+        a.num_train, a.max_new_tokens, a.max_length, a.regen_batch_size = 12, 12, 128, 8
+        a.train_steps, a.train_batch_size, a.train_lr = 4, 2, 1e-3
+        a.heldout_prompts, a.eval_batch_size, a.mt_bench_prompts, a.ks = 3, 4, 3, [1, 3]
+        if a.heads == p.get_default("heads"):
+            a.heads = ["k1-ce-last-regen", "k3-ce-last-orig"]
+    elif a.mt_bench and not Path(a.mt_bench).is_file():
+        p.error(f"--mt-bench {a.mt_bench}: no such file (copy ../shared/data/mt_bench_questions.jsonl there)")
+    return a
 
 
 def main(argv=None) -> int:
@@ -351,6 +383,9 @@ def main(argv=None) -> int:
     W = Path(a.work)
     W.mkdir(parents=True, exist_ok=True)
     phases = ["target", "data", "train", "eval"] if a.phase == "all" else [a.phase]
+    with open(W / "commands.jsonl", "a", encoding="utf-8") as f:  # the results name the commands that made them
+        f.write(json.dumps({"phases": phases, "command": " ".join(["python scripts/acceptance_study.py", *(sys.argv[1:] if argv is None else argv)]),
+                            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}) + "\n")
     for ph in phases:
         t0 = time.perf_counter()
         {"target": phase_target, "data": phase_data, "train": phase_train, "eval": phase_eval}[ph](a, W)
