@@ -26,6 +26,10 @@ class TargetConfig:
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
+    # none: every rank holds the whole target. zero3: its decoder layers are split across ranks by
+    # a DeepSpeed ZeRO-3 inference engine, embed_tokens and lm_head stay whole on every rank
+    # (train/partition.py; needs `accelerate launch` with a DeepSpeed config; docs/training.md)
+    partition: str = "none"
 
 
 @dataclass
@@ -230,6 +234,15 @@ def validate(cfg: Config) -> None:
 
     need(cfg.target.dtype in ("auto", "bf16", "fp32"), "target.dtype", "must be auto, bf16 or fp32")
     need(bool(cfg.target.path), "target.path", "must name a Qwen3-MoE model dir or hub id")
+    need(cfg.target.partition in ("none", "zero3"), "target.partition", "must be none or zero3")
+    if cfg.target.partition == "zero3":
+        need(not cfg.data.hidden_states, "target.partition",
+             "zero3 partitions the target's decoder layers, which offline training (data.hidden_states) never "
+             "loads; use target.partition=none with data.hidden_states")
+        need(not cfg.eval.enabled, "eval.enabled",
+             "the speculative evaluator runs the target on rank 0 alone, which a partitioned target "
+             "(target.partition=zero3) cannot do; set eval.enabled=false (the held-out loss and accuracy "
+             "are still computed on all ranks) and evaluate the export with scripts/eval_acceptance.py")
     need(cfg.head.num_steps >= 1, "head.num_steps", "must be >= 1")
     need(0 < cfg.head.step_decay <= 1, "head.step_decay", "must be in (0, 1]")
     need(cfg.head.loss in ("ce", "kl", "ce+kl"), "head.loss", "must be ce, kl or ce+kl")

@@ -6,6 +6,8 @@
 
 Reads top to bottom: config -> target (before the Accelerator: ZeRO-3 would partition it) ->
 accelerator -> head -> data -> optimizer -> resume -> loop -> final weights -> evaluate -> export.
+With `target.partition=zero3` the target is built after the Accelerator instead, split across the
+ranks by its own ZeRO-3 inference engine (train/partition.py, docs/training.md).
 
 Footguns handled here:
 - the target is frozen and is never handed to `accelerator.prepare`; its embedding and lm_head
@@ -40,6 +42,7 @@ from model.loss import mtp_loss, simulated_acceptance_length
 from model.target import FrozenTarget, default_dtype
 from train.common import MetricsWriter, env_rank, env_world_size, pick_device, print0
 from train.config import Config, load_config, save_config, to_dict
+from train.partition import gathered
 
 from model.export import HEAD_WEIGHTS_NAME, RUN_CONFIG_NAME  # noqa: E402  (shared with the exporter)
 
@@ -56,8 +59,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
     return args.config, args.overrides
 
 
-def build_target(cfg: Config, device: torch.device) -> FrozenTarget:
+def build_target(cfg: Config, device: torch.device, accelerator=None) -> FrozenTarget:
     dtype = {"auto": default_dtype(device), "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.target.dtype]
+    if cfg.target.partition == "zero3":
+        return build_partitioned_target(cfg, device, dtype, accelerator)
     if cfg.data.hidden_states:
         # Offline: batches carry the stored h_t, so only embed_tokens and lm_head are read (plus the
         # last layer for head.init=last_layer); target.hidden() raises.
@@ -77,13 +82,48 @@ def build_target(cfg: Config, device: torch.device) -> FrozenTarget:
     return target
 
 
+def build_partitioned_target(cfg: Config, device: torch.device, dtype: torch.dtype, accelerator):
+    """target.partition=zero3: decoder layers split across ranks by a ZeRO-3 inference engine,
+    embed_tokens and lm_head whole on every rank (train/partition.py). Built after the Accelerator,
+    whose process group the engine uses."""
+    from accelerate.utils import DistributedType
+    from train.partition import load_partitioned_target
+
+    if accelerator is None or accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise ValueError(
+            "target.partition=zero3 needs a DeepSpeed launch: accelerate launch --config_file "
+            "configs/accelerate/zero2.yaml train/train_mtp.py ... (docs/training.md, 'Targets larger than one GPU')"
+        )
+    target = load_partitioned_target(
+        cfg.target.path, device, dtype, micro_batch_size=cfg.train.micro_batch_size,
+        world_size=accelerator.num_processes, attn_implementation=cfg.target.attn_implementation,
+        trust_remote_code=cfg.target.trust_remote_code,
+    )
+    held, total = target.held_elements()
+    print(f"[rank {accelerator.process_index}] target partition: holds {held} of {total} decoder-layer elements "
+          f"({100 * held / total:.1f}%); embed_tokens and lm_head replicated", flush=True)
+    print0(f"target: {cfg.target.path} ({total / 1e6:.1f}M decoder-layer params partitioned over "
+           f"{accelerator.num_processes} ranks by ZeRO-3, {dtype}, {device})")
+    return target
+
+
+def partition_report(accelerator, target) -> dict | None:
+    """Per-rank decoder-layer elements held, for final/metrics.json (every rank calls it)."""
+    if not hasattr(target, "held_elements"):
+        return None
+    held, total = target.held_elements()
+    held_per_rank = accelerator.gather(torch.tensor([held], device=target.device)).tolist()
+    return {"decoder_layer_elements": total, "held_per_rank": held_per_rank}
+
+
 def build_head(cfg: Config, target: FrozenTarget) -> MTPHead:
     head = MTPHead(target.config)
     init = cfg.head.init
     if init == "random":
         head.init_random(seed=cfg.train.seed)
     elif init == "last_layer":
-        head.init_from_target_layer(target.last_layer, seed=cfg.train.seed)
+        with gathered(target.last_layer):  # whole on every rank for the copy (a no-op unless partitioned)
+            head.init_from_target_layer(target.last_layer, seed=cfg.train.seed)
     else:  # a path to existing MTP weights: fine-tuning
         from model.export import load_mtp_state
 
@@ -460,9 +500,14 @@ def main(argv: list[str] | None = None) -> int:
     from data.tokenizer import load_tokenizer
 
     set_seed(cfg.train.seed)
-    target = build_target(cfg, device)  # before the Accelerator exists (ZeRO-3 trap)
+    # A whole target is loaded before the Accelerator exists (ZeRO-3 trap, design.md §5); a
+    # partitioned one after it, because its ZeRO-3 engine needs the process group.
+    target = build_target(cfg, device) if cfg.target.partition == "none" else None
     tokenizer = load_tokenizer(cfg.target.tokenizer or cfg.target.path, trust_remote_code=cfg.target.trust_remote_code)
     accelerator = make_accelerator(cfg, device)
+    if target is None:
+        target = build_target(cfg, device, accelerator)
+    partition = partition_report(accelerator, target)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / RUN_CONFIG_NAME)
@@ -496,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     summary = {"step": state.step, "tokens_seen": state.tokens_seen, "train_seconds": state.train_seconds,
-               "data": report.as_dict()}
+               "data": report.as_dict(), **({"target_partition": partition} if partition else {})}
     heldout = evaluate_heldout(cfg, accelerator, target, head, heldout_ds, pad_id)
     if heldout:
         summary.update(heldout)
