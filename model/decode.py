@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from model import moe_kernels
+from model.fast_moe import experts_grouped
 from model.head import MTPHead, head_param_shapes
 from model.target import FrozenTarget
 
@@ -146,30 +147,8 @@ def _experts_gather(x_NH, idx_Nk, w_Nk, gate_up, down):
     return (y_MH.view(N, k, -1) * w_Nk[..., None]).sum(1)
 
 
-def _grouped_mm(a, b, offs):
-    fn = getattr(F, "grouped_mm", None) or torch._grouped_mm  # F.grouped_mm from torch 2.10
-    return fn(a, b, offs=offs)
-
-
-def _experts_grouped(x_NH, idx_Nk, w_Nk, gate_up, down):
-    """(token, slot) pairs sorted by expert, one grouped GEMM per projection; groups with no
-    token cost nothing. Deterministic: results are un-permuted and summed, no atomics."""
-    N, k = idx_Nk.shape
-    E = gate_up.shape[0]
-    flat = idx_Nk.reshape(-1)
-    _, perm = torch.sort(flat, stable=True)
-    counts = torch.zeros(E, dtype=torch.int32, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    h_M2I = _grouped_mm(x_NH[perm // k], gate_up.transpose(1, 2), offs)
-    gate, up = h_M2I.chunk(2, dim=-1)
-    y_MH = _grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs)
-    out_MH = torch.empty_like(y_MH)
-    out_MH[perm] = y_MH
-    return (out_MH.view(N, k, -1) * w_Nk[..., None]).sum(1)
-
-
-_EXPERTS = {"loop": _experts_loop, "gather": _experts_gather, "grouped_mm": _experts_grouped}
+# grouped_mm: model/fast_moe.py, shared with the training-time target forward
+_EXPERTS = {"loop": _experts_loop, "gather": _experts_gather, "grouped_mm": experts_grouped}
 
 
 def _mlp(x_BTH, lw: LayerWeights, d: Dims, experts: str):
@@ -204,6 +183,7 @@ def _attention(x_BTH, lw: LayerWeights, d: Dims, kv_cache, cos, sin, mask, bidx,
     pos/bidx [B, T].
     mask None = prefill (the cache held nothing: causal attention over the new tokens);
     otherwise an additive mask [B, 1, G*T, S] for the query heads grouped per kv head.
+    kv_cache None (with mask None): a prefill that keeps no cache (FrozenTarget's lean forward).
     """
     B, T, _ = x_BTH.shape
     nq, nkv, D = d.n_heads, d.n_kv, d.head_dim
@@ -215,8 +195,8 @@ def _attention(x_BTH, lw: LayerWeights, d: Dims, kv_cache, cos, sin, mask, bidx,
     q, k = qk.split([nq, nkv], dim=2)
     v = v.view(B, T, nkv, D)
     # advanced indices at dims 1 and 3 (split by a slice) go first: the value is [B, T, 2, nkv, D]
-    kv_cache[:, bidx, :, pos] = torch.stack([k, v], dim=2)
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    if kv_cache is not None:
+        kv_cache[:, bidx, :, pos] = torch.stack([k, v], dim=2)
     if mask is None:
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True, enable_gqa=True, scale=D**-0.5)
@@ -226,7 +206,7 @@ def _attention(x_BTH, lw: LayerWeights, d: Dims, kv_cache, cos, sin, mask, bidx,
         # query heads of a kv head into the query axis instead of repeating K/V.
         G = nq // nkv
         qg = q.view(B, T, nkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, nkv, G * T, D)
-        o = F.scaled_dot_product_attention(qg, k_cache, v_cache, attn_mask=mask, scale=D**-0.5)
+        o = F.scaled_dot_product_attention(qg, kv_cache[0], kv_cache[1], attn_mask=mask, scale=D**-0.5)
         o = o.view(B, nkv, G, T, D).permute(0, 3, 1, 2, 4)
     return F.linear(o.reshape(B, T, nq * D), lw.o)
 

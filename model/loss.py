@@ -13,8 +13,17 @@ q >= j-1 and the label x_{q+2} is an assistant token (loss_mask[q+2] == 1).
 Soft labels: the target's own distribution for x_{q+2} is softmax(lm_head(h_{q+1})), so it costs
 one more chunked lm_head matmul and no extra target forward.
 
-The vocabulary projection is done in token chunks under activation checkpointing, so full fp32
-logits for every token never exist at once (151,936 columns make them the largest tensor).
+The vocabulary projection is done in token chunks, so full fp32 logits for every token never exist
+at once (151,936 columns make them the largest tensor). Two implementations (`VOCAB_IMPLS`):
+
+  "fused"       (default) the lm_head is frozen, so the only gradient the loss needs is d loss / d h.
+                `_FusedVocabLoss` computes it in the forward, chunk by chunk, from the softmax it has
+                in hand: d/d logits = (b + c) p - b onehot(label) - c p_target (b = 1 with ce,
+                c = kl_weight with kl), then grad_h = (d/d logits) @ W. It keeps only grad_h
+                [N, H]; backward scales it by the incoming scalar. Two [C, H] x [H, V]-sized
+                matmuls per chunk, and no [C, V] tensor survives its chunk.
+  "checkpoint"  each chunk under activation checkpointing: autograd recomputes the logits matmul in
+                backward (three matmuls per chunk). Kept as the reference and for the benchmark.
 """
 
 from __future__ import annotations
@@ -26,6 +35,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 LOSS_TYPES = ("ce", "kl", "ce+kl")
+VOCAB_IMPLS = ("fused", "checkpoint")
+VOCAB_IMPL = "fused"  # mtp_loss's choice when not given; scripts/bench_train.py flips it to time the old path
+IGNORE_INDEX = -100  # fused path: a label < 0 scores nothing and gets zero gradient
 
 
 def step_weights(num_steps: int, decay: float) -> list[float]:
@@ -74,6 +86,103 @@ def _chunk_terms(h_NH, w_VH, labels_N, soft_NH, loss_type: str):
     return ce, kl, hits
 
 
+def _rowdot(a_CV: torch.Tensor, b_CV: torch.Tensor) -> torch.Tensor:
+    """sum_v a[c, v] * b[c, v] as a batched GEMV: no [C, V] product tensor is written."""
+    return torch.bmm(a_CV.unsqueeze(1), b_CV.unsqueeze(2)).view(-1)
+
+
+def _fused_chunk(h_CH, w_VH, labels_C, soft_CH, loss_type: str, kl_weight: float, want_grad: bool):
+    """(loss terms summed over the chunk, hits, grad_h [C, H] or None) for one token chunk.
+
+    With logits z, log p = log_softmax(z), q = softmax(target logits), y = label:
+      ce = -log p_y                              d ce / d z = p - onehot(y)
+      kl = sum q log q - sum q log p             d kl / d z = p - q          (sum q = 1)
+    Every [C, V] pass costs about as much as the matmul here, so there are few: log_softmax
+    (fp32), exp, one write of the low-precision gradient that the second matmul reads.
+    """
+    with torch.autocast(h_CH.device.type, enabled=False):  # dtypes below are chosen on purpose
+        return _fused_chunk_math(h_CH, w_VH, labels_C, soft_CH, loss_type, kl_weight, want_grad)
+
+
+def _fused_chunk_math(h_CH, w_VH, labels_C, soft_CH, loss_type: str, kl_weight: float, want_grad: bool):
+    use_ce, use_kl = loss_type in ("ce", "ce+kl"), loss_type in ("kl", "ce+kl")
+    valid_C = labels_C >= 0
+    safe_labels_C = labels_C.clamp_min(0)[:, None]  # [C, 1]
+    terms_C = h_CH.new_zeros(h_CH.shape[0], dtype=torch.float32)
+    q_CV = None
+    if use_kl:  # the target's distribution first, so its log is freed before the head's exists
+        logq_CV = F.log_softmax(F.linear(soft_CH.to(w_VH.dtype), w_VH), dim=-1, dtype=torch.float32)
+        q_CV = logq_CV.exp()
+        terms_C += kl_weight * _rowdot(q_CV, logq_CV)
+        del logq_CV
+    z_CV = F.linear(h_CH.to(w_VH.dtype), w_VH)  # [C, V] in the weight's dtype (bf16 on GPU)
+    # the argmax of the bf16 logits is the argmax of their exact fp32 upcast
+    hits = ((z_CV.argmax(dim=-1) == labels_C) & valid_C).sum()
+    logp_CV = F.log_softmax(z_CV, dim=-1, dtype=torch.float32)
+    del z_CV
+    logp_y_C = logp_CV.gather(1, safe_labels_C).squeeze(1)
+    if use_ce:
+        terms_C -= logp_y_C
+    if use_kl:
+        terms_C -= kl_weight * _rowdot(q_CV, logp_CV)
+    terms = torch.where(valid_C, terms_C, 0.0).sum()
+    if not want_grad:
+        return terms, hits, None
+    c = kl_weight if use_kl else 0.0
+    if not use_ce and c == 0.0:  # kl alone with kl_weight 0: nothing to learn from
+        return terms, hits, torch.zeros_like(h_CH)
+    # gradient buffer in the weight's dtype, each entry computed in fp32 and rounded once:
+    #   ce     p                                  (label column: p_y - 1)
+    #   kl     p - q, scaled by c on grad_h        (no label column)
+    #   ce+kl  (1 + c) p - c q = lerp(p, q, -c)   (label column: (1 + c) p_y - 1 - c q_y)
+    g_CV = torch.empty(logp_CV.shape, dtype=w_VH.dtype, device=logp_CV.device)
+    if use_kl and use_ce:
+        torch.lerp(logp_CV.exp_(), q_CV, -c, out=g_CV)
+    elif use_kl:
+        torch.sub(logp_CV.exp_(), q_CV, out=g_CV)
+    else:
+        torch.exp(logp_CV, out=g_CV)
+    g_y_C = None
+    if use_ce:
+        g_y_C = (1.0 + c) * logp_y_C.exp() - 1.0
+        if use_kl:
+            g_y_C -= c * q_CV.gather(1, safe_labels_C).squeeze(1)
+    del logp_CV, q_CV
+    if g_y_C is not None:
+        g_CV.scatter_(1, safe_labels_C, g_y_C[:, None].to(g_CV.dtype))
+    grad_CH = torch.mm(g_CV, w_VH)  # the second (and last) big matmul
+    row_scale_C = torch.where(valid_C, 1.0 if use_ce else c, 0.0)  # ignored labels: no gradient
+    grad_CH.mul_(row_scale_C[:, None])
+    return terms, hits, grad_CH.to(h_CH.dtype)
+
+
+class _FusedVocabLoss(torch.autograd.Function):
+    """Chunked vocabulary loss whose input gradient is computed in the forward (frozen lm_head)."""
+
+    @staticmethod
+    def forward(ctx, h_NH, w_VH, labels_N, soft_NH, loss_type, chunk, kl_weight):
+        n = h_NH.shape[0]
+        grad_NH = torch.empty_like(h_NH)
+        terms = h_NH.new_zeros((), dtype=torch.float32)
+        hits = torch.zeros((), dtype=torch.long, device=h_NH.device)
+        for s in range(0, n, chunk):
+            t, hit, grad_CH = _fused_chunk(
+                h_NH[s : s + chunk], w_VH, labels_N[s : s + chunk],
+                None if soft_NH is None else soft_NH[s : s + chunk], loss_type, kl_weight, want_grad=True,
+            )
+            grad_NH[s : s + chunk] = grad_CH
+            terms += t
+            hits += hit
+        ctx.save_for_backward(grad_NH)
+        ctx.mark_non_differentiable(hits)
+        return terms, hits
+
+    @staticmethod
+    def backward(ctx, grad_terms, _grad_hits):
+        (grad_NH,) = ctx.saved_tensors
+        return grad_NH * grad_terms.to(grad_NH.dtype), None, None, None, None, None, None
+
+
 def vocab_loss(
     h_NH: torch.Tensor,
     lm_head_weight_VH: torch.Tensor,
@@ -82,13 +191,39 @@ def vocab_loss(
     loss_type: str,
     chunk_size: int,
     kl_weight: float = 1.0,
+    impl: str = "fused",
 ):
-    """(sum of loss terms, hits) over N scored positions, chunked over tokens."""
+    """(sum of loss terms, hits) over N scored positions, chunked over tokens.
+
+    The lm_head weight gets no gradient (it is the frozen target's). `impl` picks how the
+    gradient w.r.t. h_NH is obtained when one is needed (module docstring); without grad both
+    run the same forward.
+    """
+    if impl not in VOCAB_IMPLS:
+        raise ValueError(f"vocab loss impl must be one of {VOCAB_IMPLS}, got {impl!r}")
+    n = h_NH.shape[0]
+    chunk = n if chunk_size <= 0 else chunk_size
+    need_grad = torch.is_grad_enabled() and h_NH.requires_grad
+    if need_grad and impl == "fused":
+        if lm_head_weight_VH.requires_grad:
+            raise ValueError("the fused vocabulary loss gives the lm_head no gradient; freeze it "
+                             "(it is the target's) or use impl='checkpoint'")
+        soft = None if soft_hidden_NH is None else soft_hidden_NH.detach()
+        return _FusedVocabLoss.apply(h_NH, lm_head_weight_VH.detach(), labels_N, soft, loss_type, chunk, kl_weight)
+    if not need_grad and impl == "fused":  # evaluation: values only, same arithmetic as training
+        terms = h_NH.new_zeros((), dtype=torch.float32)
+        hits = torch.zeros((), dtype=torch.long, device=h_NH.device)
+        for s in range(0, n, chunk):
+            t, hit, _ = _fused_chunk(
+                h_NH[s : s + chunk], lm_head_weight_VH, labels_N[s : s + chunk],
+                None if soft_hidden_NH is None else soft_hidden_NH[s : s + chunk],
+                loss_type, kl_weight, want_grad=False,
+            )
+            terms, hits = terms + t, hits + hit
+        return terms, hits
     ce_sum = h_NH.new_zeros((), dtype=torch.float32)
     kl_sum = h_NH.new_zeros((), dtype=torch.float32)
     hits = torch.zeros((), dtype=torch.long, device=h_NH.device)
-    n = h_NH.shape[0]
-    chunk = n if chunk_size <= 0 else chunk_size
     for s in range(0, n, chunk):
         args = (
             h_NH[s : s + chunk],
@@ -97,7 +232,7 @@ def vocab_loss(
             None if soft_hidden_NH is None else soft_hidden_NH[s : s + chunk],
             loss_type,
         )
-        if torch.is_grad_enabled() and h_NH.requires_grad and chunk < n:
+        if need_grad and chunk < n:
             ce, kl, hit = checkpoint(_chunk_terms, *args, use_reentrant=False)
         else:
             ce, kl, hit = _chunk_terms(*args)
@@ -120,10 +255,15 @@ def mtp_loss(
     loss_type: str = "ce",
     kl_weight: float = 1.0,
     chunk_size: int = 4096,
+    vocab_impl: str | None = None,
 ) -> LossOutput:
-    """The k-step MTP loss for one batch. `hidden_BTH` is the target's post-norm hidden state."""
+    """The k-step MTP loss for one batch. `hidden_BTH` is the target's post-norm hidden state.
+    `vocab_impl`: "fused" or "checkpoint" (module docstring); None = the module's VOCAB_IMPL."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    vocab_impl = VOCAB_IMPL if vocab_impl is None else vocab_impl
+    if vocab_impl not in VOCAB_IMPLS:
+        raise ValueError(f"vocab loss impl must be one of {VOCAB_IMPLS}, got {vocab_impl!r}")
     B, T = input_ids_BT.shape
     if T < 3:
         raise ValueError(f"sequences of length {T} hold no next-next-token label; need >= 3 tokens")
@@ -154,7 +294,7 @@ def mtp_loss(
             terms, hits = vocab_loss(
                 out_BLH[mask_BL], w_VH, labels_BL[mask_BL],
                 None if soft_BLH is None else soft_BLH[mask_BL],
-                loss_type, chunk_size, kl_weight,
+                loss_type, chunk_size, kl_weight, vocab_impl,
             )
             mean = terms / n
             total = total + weights[j] * mean

@@ -1,7 +1,7 @@
 """Fused MoE experts for decode-sized token counts (Triton; CUDA, or CPU under TRITON_INTERPRET=1).
 
     y_NkH = expert_pairs(x_NH, idx_Nk, top_logits_Nk, gate_up_E2IH, down_EHI, norm_topk=True)
-    out_NH = y_NkH.sum(1).to(x_NH.dtype)      # == decode._experts_grouped(...) up to rounding
+    out_NH = y_NkH.sum(1).to(x_NH.dtype)      # == fast_moe.experts_grouped(...) up to rounding
 
 Why: at decode (N*k <= ~128 (token, slot) pairs) the grouped-GEMM path is a dozen small
 kernels per layer (sort, bincount, cumsum, gather, 2 grouped GEMMs, act, un-permute, weighted

@@ -7,6 +7,16 @@ The target never trains. It gives the head three things:
 
 Plain single-device code: no accelerate, no DeepSpeed. Partitioning a target larger than one GPU
 is done by `train/`, which may hand in any module with the same attributes.
+
+Speed (the target forward is the largest part of an online step): on CUDA the experts of every
+layer run model/fast_moe.py's lean grouped-GEMM forward instead of transformers' (same router,
+same math, less glue); `lean_experts=False` keeps transformers' path. Two opt-ins:
+- `use_lean_layers()`: `hidden` runs model/decode.py's own layer forward (fused q/k/v GEMM and
+  RMSNorm kernels, q/k norm and RoPE on the q and k heads together, lean experts) with no KV
+  cache; costs a copy of the q/k/v weights (about 1 GB for Qwen3-30B-A3B in bf16). It ignores
+  the attention mask: with right padding and causal attention, real positions are unaffected.
+- `compile_layers()`: torch.compile of transformers' decoder layers (one graph shared by all
+  layers; compiling takes a while, so it is worth it only for long runs).
 """
 
 from __future__ import annotations
@@ -20,6 +30,8 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
+
+from model import fast_moe
 
 SUPPORTED_MODEL_TYPES = ("qwen3_moe",)
 
@@ -58,11 +70,68 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 class FrozenTarget(nn.Module):
     """A frozen `Qwen3MoeForCausalLM` with the few views the MTP head needs."""
 
-    def __init__(self, model: Qwen3MoeForCausalLM):
+    def __init__(self, model: Qwen3MoeForCausalLM, lean_experts: bool | None = None):
+        """`lean_experts`: None = on when the model's weights are on a GPU (module docstring)."""
         super().__init__()
         self.model = model
         self.model.eval()
         self.model.requires_grad_(False)
+        self._lean_layers = None  # (Dims, [LayerWeights]) while use_lean_layers is on
+        if lean_experts is None:
+            lean_experts = model.lm_head.weight.device.type == "cuda"
+        self.use_lean_experts(lean_experts)
+
+    def use_lean_experts(self, enable: bool = True) -> None:
+        """Switch every MoE layer's experts to fast_moe.experts_grouped (True) or back to
+        transformers' implementation (False). Inference only, which is all a frozen target does."""
+        self.lean_experts = enable
+        fast_moe.use_lean_experts(self.model, enable)
+
+    def use_lean_layers(self, enable: bool = True) -> None:
+        """Opt-in: `hidden` runs decode.py's decoder-layer forward over these weights (module
+        docstring); enable=False frees its fused q/k/v copies and goes back to transformers."""
+        if not enable:
+            self._lean_layers = None
+            return
+        if self._lean_layers is not None:
+            return
+        from model.decode import Dims, LayerWeights  # decode.py imports this module
+
+        w = self.lm_head.weight
+        layers = [LayerWeights.of(layer, w.device, w.dtype) for layer in self.model.model.layers]
+        self._lean_layers = (Dims.of(self.config), layers)
+
+    def _lean_hidden(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        from model.decode import _rope_table, decoder_layer, rms_norm
+
+        dims, layers = self._lean_layers
+        w = self.lm_head.weight
+        experts = "grouped_mm" if w.device.type == "cuda" else "loop"
+        T = input_ids_BT.shape[1]
+        cos_TD, sin_TD = _rope_table(self.model.model.rotary_emb, T, w.device, w.dtype)
+        cos, sin = cos_TD[None, :, None], sin_TD[None, :, None]  # [1, T, 1, D]
+        x_BTH = self.embed_tokens(input_ids_BT).to(w.dtype)
+        for lw in layers:
+            # kv_cache None + mask None: causal prefill, nothing cached
+            x_BTH = decoder_layer(x_BTH, lw, dims, None, cos, sin, None, None, None, experts)
+        return rms_norm(x_BTH, self.model.model.norm.weight, dims.eps)
+
+    def compile_layers(self, enable: bool = True, **compile_kwargs) -> None:
+        """Opt-in: torch.compile each decoder layer in place (`nn.Module.compile`); enable=False
+        goes back to eager. The layers share their code, so after the first layer's graph the
+        others reuse it (weights are inputs); a new input shape compiles again. Keyword arguments
+        go to torch.compile. Not exercised by the CPU tests (compiling is a GPU-only benefit)."""
+        layers = self.model.model.layers
+        if not enable:
+            for layer in layers:
+                layer._compiled_call_impl = None  # what nn.Module.compile set
+            return
+        dyn = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
+        setattr(dyn, limit, max(getattr(dyn, limit), 2 * len(layers)))
+        compile_kwargs.setdefault("dynamic", False)
+        for layer in layers:
+            layer.compile(**compile_kwargs)
 
     @classmethod
     def load(
@@ -116,6 +185,8 @@ class FrozenTarget(nn.Module):
 
         Right padding only: with a causal mask, padded positions never influence real ones.
         """
+        if self._lean_layers is not None:
+            return self._lean_hidden(input_ids_BT)
         out = self.model.model(input_ids=input_ids_BT, attention_mask=attention_mask_BT, use_cache=False)
         return out.last_hidden_state
 

@@ -195,8 +195,10 @@ def phase_eval(a, W: Path) -> None:
         print("eval: no --mt-bench file; MT-Bench rows skipped")
     target = FrozenTarget.load(str(W / "target"), device="cuda" if torch.cuda.is_available() else "cpu")
     tlm = TargetLM(target)
-    names = [n for n in a.heads if (W / "heads" / n / "final").exists()]
-    heads = {n: load_head(W / "heads" / n / "final", tlm.config, tlm.device, tlm.dtype) for n in names}
+    names = [n for n in a.heads if head_dir(W, n)]
+    for n in names:
+        print(f"eval: {n} from {head_dir(W, n)}")
+    heads = {n: load_head(head_dir(W, n), tlm.config, tlm.device, tlm.dtype) for n in names}
     drafters = [("ngram", None)] + [("mtp", n) for n in names]
     # the rows that matter most first (T=0, MT-Bench), so a spent budget leaves the tail missing
     grid = [(pset, T, drafter, name, K) for T in a.temperatures for pset in PROMPT_SETS if pset in prompts
@@ -228,10 +230,26 @@ def phase_eval(a, W: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- results
+def head_dir(W: Path, name: str) -> Path | None:
+    """final/ of a finished head, else its latest checkpoint (a run stopped by --train-budget-s),
+    else None."""
+    run = W / "heads" / name
+    if (run / "final").exists():
+        return run / "final"
+    ckpts = sorted(run.glob("checkpoint-*"), key=lambda d: int(d.name.split("-")[-1]) if d.name.split("-")[-1].isdigit() else -1)
+    return ckpts[-1] if ckpts else None
+
+
 def head_info(W: Path, name: str, a) -> dict:
     k, loss, init, data = HEADS[name]
-    metrics = json.loads((W / "heads" / name / "final" / "metrics.json").read_text())
+    d = head_dir(W, name)
+    finished = d.name == "final"
+    if finished:
+        metrics = json.loads((d / "metrics.json").read_text())
+    else:  # no held-out pass ran: the simulated acceptance length is missing
+        metrics = {"step": int(d.name.split("-")[-1])}
     return {"head_k": k, "head_loss": loss, "head_init": init, "head_data": data, "head_train_steps": metrics.get("step"),
+            "head_planned_steps": a.train_steps, "head_finished": finished,
             "head_micro_batch_size": a.train_batch_size, "head_lr": a.train_lr, "train_metrics": metrics}
 
 
@@ -243,7 +261,7 @@ def write_results(a, W: Path, rows: list[dict], tok) -> None:
     from model.export import export_mtp
 
     demo = json.loads((W / "target" / "demo_target.json").read_text())
-    heads = {n: head_info(W, n, a) for n in a.heads if (W / "heads" / n / "final").exists()}
+    heads = {n: head_info(W, n, a) for n in a.heads if head_dir(W, n)}
     from transformers import AutoConfig
 
     eos = eos_token_ids(AutoConfig.from_pretrained(str(W / "target")), tok)
@@ -273,7 +291,7 @@ def write_results(a, W: Path, rows: list[dict], tok) -> None:
         k1, k3, ng3 = al("mtp", best, "mt_bench", 0.0, 1), al("mtp", best, "mt_bench", 0.0, 3), al("ngram", None, "mt_bench", 0.0, 3)
         goals = {"best_head": best, "mt_bench_T0_K1": k1, "goal_K1": 1.85, "mt_bench_T0_K3": k3, "goal_K3": 2.8,
                  "ngram_T0_K3": ng3, "ratio_to_ngram_K3": k3 / ng3 if k3 and ng3 else None, "goal_ratio": 1.5}
-        export_mtp(W / "heads" / best / "final", W / "target", W / "best_export", force=True, acceptance_length=k3)
+        export_mtp(head_dir(W, best), W / "target", W / "best_export", force=True, acceptance_length=k3)
     result = {
         "date": datetime.date.today().isoformat(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -319,6 +337,8 @@ def markdown(res: dict) -> str:
               "|---|---:|---:|---|---|---:|---|---:|---|"]
     for r in res["rows"]:
         head = "-" if r["drafter"] == "ngram" else f"{r['head']} ({r['head_k']}, {r['head_loss']}, {r['head_init']}, {r['head_data']})"
+        if r["drafter"] == "mtp" and not r.get("head_finished", True):
+            head += f" stopped at step {r['head_train_steps']}/{r['head_planned_steps']}"
         pp = " / ".join(f(x) for x in r["per_position_acceptance"])
         lines.append(f"| {r['prompts']} | {r['temperature']:g} | {r['steps']} | {r['drafter']} | {head} | "
                      f"{f(r['acceptance_length'], '{:.3f}')} | {pp} | {f(r['speedup'], '{:.2f}x')} | {r['lossless']} |")

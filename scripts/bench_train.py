@@ -1,7 +1,8 @@
-"""Benchmark one MTP training step on one GPU: a naive step vs ours (online and offline).
+"""Benchmark one MTP training step on one GPU: a naive step vs ours (old and new, online and offline).
 
     python scripts/bench_train.py --out docs/results/bench_train_h200.json     # one H200, about 3 min
     python scripts/bench_train.py --activation-checkpointing --out ...         # + rows with a checkpointed head
+    python scripts/bench_train.py --compile-target --out ...                   # + a row with compiled target layers
     python scripts/bench_train.py --config tiny --device cpu --batch 2 --seq 64   # smoke test on a CPU
 
 A Qwen3-30B-A3B-shaped target with random bf16 weights is built directly on the GPU (61 GB), then
@@ -11,12 +12,25 @@ tokens (default 4 x 2048), one after the other in the same process:
   naive    what design.md §5 measured (272 ms): the plain transformers forward of the frozen target
            with transformers' default experts implementation (printed), the MTP head, full fp32
            logits [B, T, V] and cross-entropy over all tokens (full-vocab KL for ce+kl), fused AdamW;
-  online   ours: `train.train_mtp.loss_for_batch` (FrozenTarget.hidden with grouped_mm experts +
-           model.loss.mtp_loss, chunked vocabulary projection), backward, grad clipping and the
-           trainer's fused AdamW + scheduler (`build_optimizer`);
-  offline  the same with the hidden states given in the batch (data.hidden_states): no target
-           forward; measured after the target's decoder layers are freed, so its peak memory is
-           that of an offline run (embed_tokens + lm_head + head + optimizer + activations).
+  online_old  ours before issue 6: `train.train_mtp.loss_for_batch` with FrozenTarget.hidden on
+           transformers' grouped_mm experts and model.loss's "checkpoint" vocabulary loss (chunks
+           under activation checkpointing: the logits matmul runs again in backward), backward,
+           grad clipping and the trainer's fused AdamW + scheduler (`build_optimizer`);
+  online   ours now (the trainer's default): the same step with the lean experts forward of
+           model/fast_moe.py in the target and the "fused" vocabulary loss (d loss / d h computed
+           in the forward, two matmuls per chunk);
+  online_lean  `online` with FrozenTarget.use_lean_layers(): the target runs model/decode.py's own
+           decoder-layer forward (no KV cache), not transformers' layers;
+  online_compiled  (--compile-target) `online` + FrozenTarget.compile_layers();
+  offline / offline_old  `online` / `online_old`'s loss with the hidden states given in the batch
+           (data.hidden_states): no target forward; measured after the target's decoder layers are
+           freed, so its peak memory is that of an offline run (embed_tokens + lm_head + head +
+           optimizer + activations).
+
+The JSON summary keeps its earlier keys (naive_tok_s, online_tok_s, offline_tok_s, peak_gib per
+variant) and adds online_old_tok_s, online_lean_tok_s, offline_old_tok_s (and
+online_compiled_tok_s), and <variant>_over_naive ratios; `online_tok_s` is the trainer's current
+step, so compare it with online_old_tok_s for this change.
 
 for loss in ce, ce+kl and k in 1, 3. No DeepSpeed: the head keeps fp32 weights and runs under
 bf16 autocast (accelerate's single-GPU mixed precision). Breakdown per step from CUDA events:
@@ -43,10 +57,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 from model.configs import NAMED, make_config  # noqa: E402
 from model.head import MTPHead  # noqa: E402
+import model.loss as mtp_loss_module  # noqa: E402
 from model.loss import step_weights  # noqa: E402
 from model.shared_weights import SharedTarget  # noqa: E402
 from model.target import FrozenTarget, default_dtype  # noqa: E402
@@ -68,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mask-frac", type=float, default=1.0, help="fraction of tokens with loss_mask=1 (naive scores all)")
     p.add_argument("--activation-checkpointing", action="store_true", help="also time our head with a checkpointed decoder layer")
     p.add_argument("--skip-naive", action="store_true")
+    p.add_argument("--skip-old", action="store_true", help="skip online_old and offline_old")
+    p.add_argument("--compile-target", action="store_true", help="also time online with compiled target layers")
     p.add_argument("--peak-tflops", type=float, default=801.0)
     p.add_argument("--out", default=None, help="write the results as JSON")
     return p.parse_args(argv)
@@ -137,7 +153,7 @@ def build_target(name: str, device: torch.device, dtype: torch.dtype) -> tuple[F
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, config.hidden_size**-0.5)  # unit-variance logits, as build_random_target
     default_impl = model.config._experts_implementation  # what from_pretrained/plain init resolves to
-    return FrozenTarget(model), default_impl
+    return FrozenTarget(model, lean_experts=False), default_impl
 
 
 @torch.no_grad()
@@ -287,18 +303,18 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
 
     target, naive_impl = build_target(args.config, device, dtype)
-    ours_impl = "grouped_mm" if device.type == "cuda" else "eager"
+    ours_impl = "grouped_mm" if device.type == "cuda" else "eager"  # transformers' experts for online_old
     cfg_t = target.config
     sync(device)
     print(f"target {args.config}: {sum(p.numel() for p in target.parameters()) / 1e9:.2f}B params, {dtype}, "
-          f"built in {time.perf_counter() - t_start:.0f} s; experts: naive={naive_impl} (transformers default), ours={ours_impl}")
+          f"built in {time.perf_counter() - t_start:.0f} s; experts: naive={naive_impl} (transformers default), online_old={ours_impl}, online=model/fast_moe.py")
     batch = make_batch(cfg_t.vocab_size, B, T, args.mask_frac)
     n_scored = int(batch["loss_mask"][:, 2:].sum())
     marks_ref = [Marks(device)]
     results = []
 
     def record(variant, loss, k, med, ac=False):
-        online = variant != "offline"
+        online = not variant.startswith("offline")
         flops = floor_flops(cfg_t, B, T, k, loss, B * (T - 2) if variant == "naive" else n_scored, online)
         floor_s = flops / (args.peak_tflops * 1e12)
         row = {"variant": variant + ("+ac" if ac else ""), "loss": loss, "k": k, **med}
@@ -323,6 +339,11 @@ def main(argv=None) -> int:
     del naive_head
 
     def ours(variant, tgt, b, loss, k, ac):
+        old = variant.endswith("_old")
+        mtp_loss_module.VOCAB_IMPL = "checkpoint" if old else "fused"
+        if isinstance(tgt, FrozenTarget):
+            tgt.use_lean_experts(not old)
+            tgt.use_lean_layers(variant == "online_lean")
         set_checkpointing(head, ac)
         cfg = config_from_dict({"head": {"num_steps": k, "loss": loss, "loss_chunk_size": args.chunk_size},
                                 "train": {"lr": 1e-4, "warmup_steps": 0, "max_steps": 10**6}})
@@ -333,12 +354,29 @@ def main(argv=None) -> int:
         head.zero_grad(set_to_none=True)
 
     target.hidden = timed_hidden(target, marks_ref)  # instance attribute: loss_for_batch's call is timed
+    online_variants = ["online", "online_lean"] if args.skip_old else ["online_old", "online", "online_lean"]
     for ac in [False, True] if args.activation_checkpointing else [False]:
         for loss in losses:
             for k in ks:
-                ours("online", target, batch, loss, k, ac)
+                for variant in online_variants:
+                    ours(variant, target, batch, loss, k, ac)
+    if args.compile_target:  # opt-in and untested off a GPU: a failure is reported, not fatal
+        target.use_lean_experts(True)
+        t0 = time.perf_counter()
+        try:
+            target.compile_layers()
+            for loss in losses:
+                for k in ks:
+                    ours("online_compiled", target, batch, loss, k, False)
+        except Exception as exc:  # noqa: BLE001 - keep the rest of the benchmark
+            print(f"# online_compiled failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        finally:
+            target.compile_layers(enable=False)
+        print(f"# online_compiled: {time.perf_counter() - t0:.0f} s including compilation")
 
     # offline: hidden states given; the target's decoder layers are freed first, as an offline run never loads them
+    target.use_lean_experts(True)
+    target.use_lean_layers(False)
     with torch.no_grad():
         hidden = FrozenTarget.hidden(target, batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu()
     offline_batch = {**batch, "hidden": hidden}  # on the host, like a collated batch of stored rows
@@ -347,17 +385,27 @@ def main(argv=None) -> int:
     free(device)
     if device.type == "cuda":
         print(f"# offline: {torch.cuda.memory_allocated(device) / 2**30:.1f} GiB resident after freeing the target's layers")
+    offline_variants = ["offline"] if args.skip_old else ["offline_old", "offline"]
     for ac in [False, True] if args.activation_checkpointing else [False]:
         for loss in losses:
             for k in ks:
-                ours("offline", light, offline_batch, loss, k, ac)
+                for variant in offline_variants:
+                    ours(variant, light, offline_batch, loss, k, ac)
+    mtp_loss_module.VOCAB_IMPL = "fused"
 
     summary = summarize(results)
-    print(f"\n{'loss/k':10s} {'naive tok/s':>12s} {'online tok/s':>13s} {'offline tok/s':>14s} {'online/naive':>13s}")
+
+    def ratio(x):
+        return f"{x:.2f}" if x is not None else "-"
+
+    print(f"\n{'loss/k':10s} {'naive tok/s':>12s} {'old online':>11s} {'online tok/s':>13s} {'online lean':>12s} "
+          f"{'old offline':>12s} {'offline tok/s':>14s} {'old/naive':>10s} {'online/naive':>13s} {'lean/naive':>11s}")
     for key, s in summary.items():
-        ratio = s["online_tok_s"] / s["naive_tok_s"] if s.get("online_tok_s") and s.get("naive_tok_s") else float("nan")
-        print(f"{key:10s} {s.get('naive_tok_s') or 0:12,.0f} {s.get('online_tok_s') or 0:13,.0f} "
-              f"{s.get('offline_tok_s') or 0:14,.0f} {ratio:13.2f}")
+        print(f"{key:10s} {s.get('naive_tok_s') or 0:12,.0f} {s.get('online_old_tok_s') or 0:11,.0f} "
+              f"{s.get('online_tok_s') or 0:13,.0f} {s.get('online_lean_tok_s') or 0:12,.0f} "
+              f"{s.get('offline_old_tok_s') or 0:12,.0f} {s.get('offline_tok_s') or 0:14,.0f} "
+              f"{ratio(s.get('online_old_over_naive')):>10s} {ratio(s.get('online_over_naive')):>13s} "
+              f"{ratio(s.get('online_lean_over_naive')):>11s}")
     wall = time.perf_counter() - t_start
     print(f"total {wall:.0f} s")
     if args.out:
@@ -369,7 +417,9 @@ def main(argv=None) -> int:
             "torch": torch.__version__, "transformers": transformers.__version__,
             "config": args.config, "batch": B, "seq": T, "tokens_per_step": B * T, "mask_frac": args.mask_frac,
             "loss_chunk_size": args.chunk_size, "peak_tflops": args.peak_tflops, "warmup": args.warmup, "iters": args.iters,
-            "experts_implementation": {"naive": naive_impl, "ours": ours_impl},
+            "experts_implementation": {"naive": naive_impl, "ours": "fast_moe", "online_old": ours_impl,
+                                       "online_lean": "decode.py layers + fast_moe"},
+            "vocab_loss": {"online": "fused", "offline": "fused", "online_old": "checkpoint", "offline_old": "checkpoint"},
             "precision": "target bf16; head fp32 weights under bf16 autocast; fused AdamW" if device.type == "cuda" else "fp32",
             "wall_s": wall, "results": results, "summary": summary,
         }
@@ -400,19 +450,24 @@ def summarize(results: list[dict]) -> dict:
         s["peak_gib"][v] = r.get("peak_gib")
         if v == "online":
             s["floor_tok_s"] = r.get("floor_tok_s")
+    for s in out.values():
+        for v in ("online", "online_old", "online_lean", "online_compiled"):
+            ok = s.get(f"{v}_tok_s") and s.get("naive_tok_s")
+            if f"{v}_tok_s" in s:
+                s[f"{v}_over_naive"] = s[f"{v}_tok_s"] / s["naive_tok_s"] if ok else None
     return out
 
 
 def header() -> str:
-    return (f"{'variant':12s} {'loss':6s} {'k':>2s} {'step ms':>8s} {'target':>8s} {'head':>8s} {'optim':>7s} "
+    return (f"{'variant':16s} {'loss':6s} {'k':>2s} {'step ms':>8s} {'target':>8s} {'head':>8s} {'optim':>7s} "
             f"{'tok/s':>9s} {'floor tok/s':>11s} {'of floor':>8s} {'peak GiB':>8s}")
 
 
 def fmt_row(r: dict) -> str:
     if r.get("oom"):
-        return f"{r['variant']:12s} {r['loss']:6s} {r['k']:2d}  out of memory"
+        return f"{r['variant']:16s} {r['loss']:6s} {r['k']:2d}  out of memory"
     peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.1f}"
-    return (f"{r['variant']:12s} {r['loss']:6s} {r['k']:2d} {r['step_ms']:8.1f} {r['target_ms']:8.1f} {r['head_ms']:8.1f} "
+    return (f"{r['variant']:16s} {r['loss']:6s} {r['k']:2d} {r['step_ms']:8.1f} {r['target_ms']:8.1f} {r['head_ms']:8.1f} "
             f"{r['optimizer_ms']:7.1f} {r['tok_s']:9,.0f} {r['floor_tok_s']:11,.0f} {r['floor_frac']:8.1%} {peak:>8s}")
 
 

@@ -1,0 +1,242 @@
+"""The fast training-step paths against their plain references (CPU, fp32, tiny shapes).
+
+- model.loss "fused" vocabulary loss (input gradient computed in the forward, frozen lm_head)
+  vs full-logit autograd and vs the checkpointed chunked path;
+- model.fast_moe's inference MoE block and FrozenTarget's lean forward vs transformers.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
+
+from model import fast_moe
+from model.configs import build_random_target, make_config
+from model.head import MTPHead
+from model.loss import mtp_loss, vocab_loss
+from model.target import FrozenTarget
+
+V = 512
+LOSS_TYPES = ["ce", "kl", "ce+kl"]
+
+
+# ------------------------------------------------------------------ vocabulary loss
+def full_logit_reference(h_NH, w_VH, labels_N, soft_NH, loss_type, kl_weight):
+    """The textbook loss on full [N, V] logits; labels < 0 are ignored."""
+    logp_NV = F.log_softmax(h_NH @ w_VH.T, dim=-1)
+    valid_N = labels_N >= 0
+    ce = F.nll_loss(logp_NV, labels_N, ignore_index=-100, reduction="sum")
+    logq_NV = F.log_softmax(soft_NH @ w_VH.T, dim=-1) if soft_NH is not None else None
+    kl = (logq_NV.exp() * (logq_NV - logp_NV)).sum(-1)[valid_N].sum() if logq_NV is not None else 0.0
+    return {"ce": ce, "kl": kl_weight * kl, "ce+kl": ce + kl_weight * kl}[loss_type]
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("chunk", [0, 4, 7])
+def test_fused_vocab_loss_equals_full_logits(loss_type, chunk):
+    torch.manual_seed(0)
+    N, H = 19, 16
+    w_VH = torch.randn(V, H) * H**-0.5
+    h_NH = torch.randn(N, H, requires_grad=True)
+    soft_NH = torch.randn(N, H) if loss_type != "ce" else None
+    labels_N = torch.randint(0, V, (N,))
+    labels_N[[2, 5, 6, 17]] = -100  # ignored positions
+    kl_weight = 0.7
+
+    terms, hits = vocab_loss(h_NH, w_VH, labels_N, soft_NH, loss_type, chunk, kl_weight, impl="fused")
+    (terms * 1.3).backward()
+    ref = full_logit_reference(h_NH, w_VH, labels_N, soft_NH, loss_type, kl_weight)
+    ref_grad, = torch.autograd.grad(ref * 1.3, h_NH)
+
+    torch.testing.assert_close(terms, ref.float())
+    torch.testing.assert_close(h_NH.grad, ref_grad, rtol=1e-5, atol=1e-6)
+    assert h_NH.grad[[2, 5, 6, 17]].abs().max() == 0  # ignored labels: no gradient
+    valid = labels_N >= 0
+    assert hits.item() == int(((h_NH @ w_VH.T).argmax(-1) == labels_N)[valid].sum())
+    with torch.no_grad():  # evaluation path: values only
+        terms_eval, hits_eval = vocab_loss(h_NH, w_VH, labels_N, soft_NH, loss_type, chunk, kl_weight)
+    torch.testing.assert_close(terms_eval, terms.detach())
+    assert hits_eval.item() == hits.item()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = make_config("tiny", vocab_size=V, bos_token_id=0, eos_token_id=1)
+    target = FrozenTarget(Qwen3MoeForCausalLM(cfg).float())
+    return cfg, target
+
+
+def _loss_and_grads(cfg, target, ids, hidden, mask, **kwargs):
+    head = MTPHead(cfg)
+    head.init_random(seed=7)
+    out = mtp_loss(head, target.embed_tokens, target.lm_head, ids, hidden, mask, **kwargs)
+    out.loss.backward()
+    grads = {k: p.grad.clone() for k, p in head.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("num_steps", [1, 3])
+def test_mtp_loss_fused_equals_full_logits_and_checkpointed(tiny, loss_type, num_steps):
+    """Same loss, metrics and head gradients for: fused chunks, checkpointed chunks, and one
+    unchunked full-logit pass (chunk_size=0 on the checkpoint path is plain autograd)."""
+    cfg, target = tiny
+    torch.manual_seed(1)
+    ids = torch.randint(0, V, (2, 13))
+    mask = (torch.rand(2, 13) > 0.3).long()  # masked-out labels
+    hidden = target.hidden(ids)
+    common = dict(num_steps=num_steps, loss_type=loss_type, kl_weight=0.5)
+    ref, ref_grads = _loss_and_grads(cfg, target, ids, hidden, mask, chunk_size=0, vocab_impl="checkpoint", **common)
+    for impl, chunk in (("fused", 5), ("fused", 0), ("checkpoint", 5)):
+        out, grads = _loss_and_grads(cfg, target, ids, hidden, mask, chunk_size=chunk, vocab_impl=impl, **common)
+        torch.testing.assert_close(out.loss, ref.loss)
+        torch.testing.assert_close(out.step_loss, ref.step_loss)
+        assert out.correct.tolist() == ref.correct.tolist() and out.count.tolist() == ref.count.tolist()
+        assert grads.keys() == ref_grads.keys() and len(grads) > 10
+        for k in grads:
+            torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=f"{impl} {chunk} {k}")
+
+
+def test_mtp_loss_rejects_unknown_vocab_impl(tiny):
+    cfg, target = tiny
+    ids = torch.randint(0, V, (1, 6))
+    head = MTPHead(cfg)
+    head.init_random(seed=7)
+    with pytest.raises(ValueError, match="vocab loss impl"):
+        mtp_loss(head, target.embed_tokens, target.lm_head, ids, target.hidden(ids), torch.ones_like(ids),
+                 vocab_impl="nope")
+
+
+# ------------------------------------------------------------------ frozen-target MoE forward
+def experts_loop_reference(x_NH, idx_Nk, w_Nk, gate_up_E2IH, down_EHI):
+    """One expert at a time, as the per-expert formula reads."""
+    out_NH = torch.zeros_like(x_NH)
+    I = down_EHI.shape[2]
+    for n in range(x_NH.shape[0]):
+        for j in range(idx_Nk.shape[1]):
+            e = int(idx_Nk[n, j])
+            g_2I = gate_up_E2IH[e] @ x_NH[n]
+            out_NH[n] += w_Nk[n, j] * (down_EHI[e] @ (F.silu(g_2I[:I]) * g_2I[I:]))
+    return out_NH
+
+
+def test_experts_grouped_equals_per_expert_loop():
+    torch.manual_seed(0)
+    N, k, E, H, I = 11, 3, 6, 16, 8
+    x_NH = torch.randn(N, H)
+    gate_up_E2IH, down_EHI = torch.randn(E, 2 * I, H), torch.randn(E, H, I)
+    idx_Nk = torch.stack([torch.randperm(E - 1)[:k] for _ in range(N)])  # expert E-1 gets no token
+    w_Nk = torch.rand(N, k)
+    out_NH = fast_moe.experts_grouped(x_NH, idx_Nk, w_Nk, gate_up_E2IH, down_EHI)
+    ref_NH = experts_loop_reference(x_NH, idx_Nk, w_Nk, gate_up_E2IH, down_EHI)
+    torch.testing.assert_close(out_NH, ref_NH, rtol=1e-5, atol=1e-5)
+    perm_M, offs_E = fast_moe.sort_pairs(idx_Nk, E)
+    assert offs_E.dtype == torch.int32 and offs_E[-1] == N * k and offs_E[-1] == offs_E[-2]
+    assert torch.equal(idx_Nk.reshape(-1)[perm_M], idx_Nk.reshape(-1).sort().values)
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_lean_target_forward_equals_transformers(norm_topk_prob):
+    model = build_random_target("tiny", seed=0, vocab_size=V, bos_token_id=0, eos_token_id=1,
+                                norm_topk_prob=norm_topk_prob).float()
+    target = FrozenTarget(model)
+    assert not target.lean_experts  # CPU default: transformers' path
+    torch.manual_seed(2)
+    ids = torch.randint(0, V, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # right padding
+    ref = target.hidden(ids, mask)
+    target.use_lean_experts(True)
+    experts = [layer.mlp.experts for layer in model.model.layers]
+    assert all("forward" in e.__dict__ for e in experts)
+    torch.testing.assert_close(target.hidden(ids, mask), ref, rtol=1e-5, atol=1e-5)
+    target.use_lean_experts(False)
+    assert not any("forward" in e.__dict__ for e in experts)
+    torch.testing.assert_close(target.hidden(ids, mask), ref)
+
+
+# ------------------------------------------------------------------ benchmark smoke test
+def test_bench_train_cpu_smoke(tmp_path):
+    """scripts/bench_train.py end to end on the tiny config: every variant runs and the JSON
+    keeps its keys (the GPU run uses the same code)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import json
+
+    import bench_train
+
+    out = tmp_path / "bench.json"
+    rc = bench_train.main(["--config", "tiny", "--device", "cpu", "--batch", "2", "--seq", "32", "--warmup", "0",
+                           "--iters", "1", "--losses", "ce+kl", "--steps", "2", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert rc == 0
+    variants = {r["variant"] for r in res["results"]}
+    assert variants == {"naive", "online_old", "online", "online_lean", "offline_old", "offline"}
+    for key in ("ce+kl/k=2",):
+        s = res["summary"][key]
+        for field in ("naive_tok_s", "online_tok_s", "offline_tok_s", "online_old_tok_s", "online_lean_tok_s",
+                      "offline_old_tok_s"):
+            assert s[field] > 0, field
+        assert set(s["peak_gib"]) == variants and s["online_over_naive"] > 0
+    for key in ("gpu", "date", "torch", "transformers"):
+        assert key in res
+    import model.loss
+
+    assert model.loss.VOCAB_IMPL == "fused"  # the benchmark restores the default
+
+
+# ------------------------------------------------------------------ on a GPU (skipped on CPU)
+@pytest.mark.gpu
+def test_gpu_lean_target_and_fused_loss_match_old_paths():
+    """bf16 on CUDA: the lean experts forward against transformers' grouped_mm experts, and the
+    fused loss against the checkpointed one under autocast, at the `small` config's shapes."""
+    device = torch.device("cuda")
+    model = build_random_target("small", seed=0).to(device=device, dtype=torch.bfloat16)
+    model.config._experts_implementation = "grouped_mm"
+    target = FrozenTarget(model, lean_experts=False)
+    ids = torch.randint(0, 151643, (2, 256), device=device)
+    ref = target.hidden(ids).float()
+    target.use_lean_experts(True)
+    for lean_layers in (False, True):
+        target.use_lean_layers(lean_layers)
+        lean = target.hidden(ids).float()
+        assert ((lean - ref).norm() / ref.norm()).item() < 5e-2  # bf16; a near-tie may route differently
+    target.use_lean_layers(False)
+
+    head = MTPHead(model.config).to(device)
+    head.init_random(seed=1)
+    mask = torch.ones_like(ids)
+    hidden = target.hidden(ids)
+    grads = {}
+    for impl in ("checkpoint", "fused"):
+        head.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = mtp_loss(head, target.embed_tokens, target.lm_head, ids, hidden, mask, num_steps=2,
+                           loss_type="ce+kl", chunk_size=128, vocab_impl=impl)
+        out.loss.backward()
+        grads[impl] = torch.cat([p.grad.flatten().float() for p in head.parameters() if p.grad is not None])
+        grads[impl + "_loss"] = out.loss.detach()
+    torch.testing.assert_close(grads["fused_loss"], grads["checkpoint_loss"], rtol=1e-3, atol=1e-3)
+    rel = (grads["fused"] - grads["checkpoint"]).norm() / grads["checkpoint"].norm()
+    assert rel.item() < 1e-2
+
+
+def test_lean_layers_hidden_equals_transformers():
+    """FrozenTarget.use_lean_layers: decode.py's layer forward without a KV cache; right padding
+    changes only the padded positions."""
+    model = build_random_target("tiny", seed=0, vocab_size=V, bos_token_id=0, eos_token_id=1).float()
+    target = FrozenTarget(model)
+    torch.manual_seed(3)
+    ids = torch.randint(0, V, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # right padding
+    ref = target.hidden(ids, mask)
+    target.use_lean_layers(True)
+    lean = target.hidden(ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(lean[real], ref[real], rtol=1e-4, atol=1e-4)
+    target.use_lean_layers(False)
+    torch.testing.assert_close(target.hidden(ids, mask), ref)
