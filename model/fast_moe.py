@@ -107,3 +107,44 @@ def use_lean_experts(model: nn.Module, enable: bool = True) -> int:
             del module.forward
         count += 1
     return count
+
+
+def experts_grouped_train(x_NH, idx_Nk, w_Nk, gate_up_E2IH, down_EHI):
+    """`experts_grouped` with autograd (no in-place ops): gradients reach x, the routing weights
+    and both expert weights. The trainable head's experts on a GPU."""
+    N, k = idx_Nk.shape
+    E, two_I, _ = gate_up_E2IH.shape
+    perm_M, offs_E = sort_pairs(idx_Nk, E)
+    x_MH = x_NH.index_select(0, perm_M // k)
+    w_M1 = w_Nk.reshape(-1).index_select(0, perm_M).to(x_NH.dtype)[:, None]
+    h_M2I = grouped_mm(x_MH, gate_up_E2IH.transpose(1, 2), offs_E)
+    gate_MI, up_MI = h_M2I.split(two_I // 2, dim=-1)
+    y_MH = grouped_mm(F.silu(gate_MI) * up_MI * w_M1, down_EHI.transpose(1, 2), offs_E)
+    inv_M = torch.empty_like(perm_M)
+    inv_M[perm_M] = torch.arange(perm_M.numel(), device=perm_M.device)
+    return y_MH.index_select(0, inv_M).view(N, k, -1).sum(1)
+
+
+def _head_experts_forward(module: nn.Module, hidden_states, top_k_index, top_k_weights):
+    """The head's experts: on a GPU, grouped GEMMs in the autocast dtype. torch's grouped_mm is
+    not autocast-aware, so transformers' path runs fp32 weights (a head trained without DeepSpeed's
+    bf16 mode, under autocast) as fp32 GEMMs; here the weights are cast like a Linear's under
+    autocast (a differentiable cast: the fp32 weights get the gradients). On a CPU, or with
+    `module.lean = False`, transformers' own forward."""
+    if not (getattr(module, "lean", True) and hidden_states.is_cuda):
+        return type(module).forward(module, hidden_states, top_k_index, top_k_weights)
+    dt = hidden_states.dtype
+    if torch.is_autocast_enabled("cuda"):
+        dt = torch.get_autocast_dtype("cuda")
+    out = experts_grouped_train(hidden_states.to(dt), top_k_index, top_k_weights,
+                                module.gate_up_proj.to(dt), module.down_proj.to(dt))
+    return out.to(hidden_states.dtype)
+
+
+def use_head_experts(layer: nn.Module, enable: bool = True) -> None:
+    """Route a trainable decoder layer's fused experts through `_head_experts_forward` (GPU only;
+    `enable=False` keeps transformers' path everywhere, e.g. for a benchmark's baseline)."""
+    for module in layer.modules():
+        if _is_fused_experts(module):
+            module.forward = types.MethodType(_head_experts_forward, module)
+            module.lean = enable

@@ -32,6 +32,8 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     Qwen3MoeSparseMoeBlock,
 )
 
+from model.fast_moe import use_head_experts
+
 
 def head_config(target_config: Qwen3MoeConfig) -> Qwen3MoeConfig:
     """A copy of the target's config for the head's single layer.
@@ -66,6 +68,8 @@ class MTPHead(nn.Module):
         self.fc = nn.Linear(2 * hidden, hidden, bias=False)
         self.layers = nn.ModuleList([Qwen3MoeDecoderLayer(cfg, layer_idx=0)])
         assert isinstance(self.layers[0].mlp, Qwen3MoeSparseMoeBlock)
+        # on a GPU the experts run as grouped GEMMs in the autocast dtype (model/fast_moe.py)
+        use_head_experts(self.layers[0])
         self.norm = Qwen3MoeRMSNorm(hidden, eps=eps)
         # RoPE tables are buffers (non-persistent), never exported
         self.rotary_emb = Qwen3MoeRotaryEmbedding(cfg)

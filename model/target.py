@@ -77,6 +77,7 @@ class FrozenTarget(nn.Module):
         self.model.eval()
         self.model.requires_grad_(False)
         self._lean_layers = None  # (Dims, [LayerWeights]) while use_lean_layers is on
+        self._lean_layer_fn = None  # decode.decoder_layer, or its torch.compile'd form
         if lean_experts is None:
             lean_experts = model.lm_head.weight.device.type == "cuda"
         self.use_lean_experts(lean_experts)
@@ -87,9 +88,14 @@ class FrozenTarget(nn.Module):
         self.lean_experts = enable
         fast_moe.use_lean_experts(self.model, enable)
 
-    def use_lean_layers(self, enable: bool = True) -> None:
+    def use_lean_layers(self, enable: bool = True, compile: bool = False) -> None:
         """Opt-in: `hidden` runs decode.py's decoder-layer forward over these weights (module
-        docstring); enable=False frees its fused q/k/v copies and goes back to transformers."""
+        docstring); enable=False frees its fused q/k/v copies and goes back to transformers.
+        compile=True runs that layer function through torch.compile (one graph for all layers,
+        the weights are its inputs; a new input shape compiles again)."""
+        from model.decode import decoder_layer
+
+        self._lean_layer_fn = torch.compile(decoder_layer, dynamic=False) if enable and compile else decoder_layer
         if not enable:
             self._lean_layers = None
             return
@@ -102,7 +108,7 @@ class FrozenTarget(nn.Module):
         self._lean_layers = (Dims.of(self.config), layers)
 
     def _lean_hidden(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
-        from model.decode import _rope_table, decoder_layer, rms_norm
+        from model.decode import _rope_table, rms_norm
 
         dims, layers = self._lean_layers
         w = self.lm_head.weight
@@ -113,7 +119,7 @@ class FrozenTarget(nn.Module):
         x_BTH = self.embed_tokens(input_ids_BT).to(w.dtype)
         for lw in layers:
             # kv_cache None + mask None: causal prefill, nothing cached
-            x_BTH = decoder_layer(x_BTH, lw, dims, None, cos, sin, None, None, None, experts)
+            x_BTH = self._lean_layer_fn(x_BTH, lw, dims, None, cos, sin, None, None, None, experts)
         return rms_norm(x_BTH, self.model.model.norm.weight, dims.eps)
 
     def compile_layers(self, enable: bool = True, **compile_kwargs) -> None:

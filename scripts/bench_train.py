@@ -59,6 +59,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from model.configs import NAMED, make_config  # noqa: E402
+from model.fast_moe import use_head_experts  # noqa: E402
 from model.head import MTPHead  # noqa: E402
 import model.loss as mtp_loss_module  # noqa: E402
 from model.loss import step_weights  # noqa: E402
@@ -66,6 +67,33 @@ from model.shared_weights import SharedTarget  # noqa: E402
 from model.target import FrozenTarget, default_dtype  # noqa: E402
 from train.config import config_from_dict  # noqa: E402
 from train.train_mtp import build_optimizer, loss_for_batch  # noqa: E402
+
+
+def profile_step(target, head, batch, device, args, marks_ref, top: int = 25) -> None:
+    """One `online` ce k=1 step (lean experts, transformers layers) under torch.profiler: where the
+    time goes, as a table of CUDA kernels by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    target.use_lean_experts(True)
+    target.use_lean_layers(False)
+    mtp_loss_module.VOCAB_IMPL = "fused"
+    cfg = config_from_dict({"head": {"num_steps": 1, "loss": "ce", "loss_chunk_size": args.chunk_size},
+                            "train": {"lr": 1e-4, "warmup_steps": 0, "max_steps": 10**6}})
+    optimizer, scheduler = build_optimizer(cfg, head, device)
+    step = functools.partial(our_step, cfg, target, head, optimizer, scheduler, batch, device)
+    def one():
+        marks_ref[0] = Marks(device)
+        step(marks_ref[0])
+
+    for _ in range(2):
+        one()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        one()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70))
+    del optimizer, scheduler, step
+    head.zero_grad(set_to_none=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -84,6 +112,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--skip-old", action="store_true", help="skip online_old and offline_old")
     p.add_argument("--compile-target", action="store_true", help="also time online with compiled target layers")
+    p.add_argument("--profile", action="store_true",
+                   help="print the CUDA kernels of one `online` ce k=1 step (torch.profiler), largest first")
     p.add_argument("--peak-tflops", type=float, default=801.0)
     p.add_argument("--out", default=None, help="write the results as JSON")
     return p.parse_args(argv)
@@ -327,6 +357,7 @@ def main(argv=None) -> int:
     print(header())
     cfg_t._experts_implementation = naive_impl
     naive_head = build_head(cfg_t, device)
+    use_head_experts(naive_head.layers[0], False)  # naive: transformers' experts in the head too
     if not args.skip_naive:
         for loss in losses:
             for k in ks:
@@ -343,8 +374,9 @@ def main(argv=None) -> int:
         mtp_loss_module.VOCAB_IMPL = "checkpoint" if old else "fused"
         if isinstance(tgt, FrozenTarget):
             tgt.use_lean_experts(not old)
-            tgt.use_lean_layers(variant == "online_lean")
+            tgt.use_lean_layers(variant.startswith("online_lean"), compile=variant == "online_lean_compiled")
         set_checkpointing(head, ac)
+        use_head_experts(head.layers[0], not old)  # ours: grouped GEMMs in bf16 (model/fast_moe.py)
         cfg = config_from_dict({"head": {"num_steps": k, "loss": loss, "loss_chunk_size": args.chunk_size},
                                 "train": {"lr": 1e-4, "warmup_steps": 0, "max_steps": 10**6}})
         optimizer, scheduler = build_optimizer(cfg, head, device)
@@ -373,6 +405,16 @@ def main(argv=None) -> int:
         finally:
             target.compile_layers(enable=False)
         print(f"# online_compiled: {time.perf_counter() - t0:.0f} s including compilation")
+        t0 = time.perf_counter()
+        try:  # model/decode.py's layer function (the lean layers) compiled
+            for loss in losses:
+                for k in ks:
+                    ours("online_lean_compiled", target, batch, loss, k, False)
+        except Exception as exc:  # noqa: BLE001
+            print(f"# online_lean_compiled failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        print(f"# online_lean_compiled: {time.perf_counter() - t0:.0f} s including compilation")
+    if args.profile and device.type == "cuda":
+        profile_step(target, head, batch, device, args, marks_ref)
 
     # offline: hidden states given; the target's decoder layers are freed first, as an offline run never loads them
     target.use_lean_experts(True)
@@ -451,7 +493,7 @@ def summarize(results: list[dict]) -> dict:
         if v == "online":
             s["floor_tok_s"] = r.get("floor_tok_s")
     for s in out.values():
-        for v in ("online", "online_old", "online_lean", "online_compiled"):
+        for v in ("online", "online_old", "online_lean", "online_compiled", "online_lean_compiled"):
             ok = s.get(f"{v}_tok_s") and s.get("naive_tok_s")
             if f"{v}_tok_s" in s:
                 s[f"{v}_over_naive"] = s[f"{v}_tok_s"] / s["naive_tok_s"] if ok else None

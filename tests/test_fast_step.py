@@ -136,6 +136,39 @@ def test_experts_grouped_equals_per_expert_loop():
     assert torch.equal(idx_Nk.reshape(-1)[perm_M], idx_Nk.reshape(-1).sort().values)
 
 
+def test_trainable_grouped_experts_match_loop_in_value_and_gradients():
+    """The head's GPU experts path (model/fast_moe.experts_grouped_train), run here on a CPU:
+    the same output and the same gradients for x, routing weights and both expert weights."""
+    torch.manual_seed(0)
+    N, k, E, H, I = 9, 2, 5, 16, 8
+    x_NH = torch.randn(N, H, requires_grad=True)
+    gate_up_E2IH = torch.randn(E, 2 * I, H, requires_grad=True)
+    down_EHI = torch.randn(E, H, I, requires_grad=True)
+    idx_Nk = torch.stack([torch.randperm(E - 1)[:k] for _ in range(N)])
+    w_Nk = torch.rand(N, k, requires_grad=True)
+    g_NH = torch.randn(N, H)
+    leaves = (x_NH, w_Nk, gate_up_E2IH, down_EHI)
+    out = fast_moe.experts_grouped_train(x_NH, idx_Nk, w_Nk, gate_up_E2IH, down_EHI)
+    grads = torch.autograd.grad((out * g_NH).sum(), leaves)
+    ref = experts_loop_reference(x_NH, idx_Nk, w_Nk, gate_up_E2IH, down_EHI)
+    ref_grads = torch.autograd.grad((ref * g_NH).sum(), leaves)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_head_experts_keep_transformers_path_on_cpu():
+    """The head's experts are rerouted only for CUDA tensors; on a CPU transformers' forward runs."""
+    head = MTPHead(make_config("tiny"))
+    head.init_random(seed=0)
+    experts = head.layers[0].mlp.experts
+    assert "forward" in experts.__dict__ and experts.lean is True
+    x = torch.randn(5, head.config.hidden_size)
+    idx = torch.randint(0, head.config.num_experts, (5, head.config.num_experts_per_tok))
+    w = torch.rand(5, head.config.num_experts_per_tok)
+    torch.testing.assert_close(experts(x, idx, w), type(experts).forward(experts, x, idx, w))
+
+
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
 def test_lean_target_forward_equals_transformers(norm_topk_prob):
     model = build_random_target("tiny", seed=0, vocab_size=V, bos_token_id=0, eos_token_id=1,

@@ -26,6 +26,10 @@ class TargetConfig:
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
+    # torch.compile the target's decoder layers (GPU only; 1.58x on the 30B-A3B target forward in
+    # docs/BENCHMARKS.md after ~15 s of compiling; each new sequence length compiles again until
+    # torch marks it dynamic)
+    compile: bool = False
     # none: every rank holds the whole target. zero3: its decoder layers are split across ranks by
     # a DeepSpeed ZeRO-3 inference engine, embed_tokens and lm_head stay whole on every rank
     # (train/partition.py; needs `accelerate launch` with a DeepSpeed config; docs/training.md)
@@ -235,6 +239,10 @@ def validate(cfg: Config) -> None:
     need(cfg.target.dtype in ("auto", "bf16", "fp32"), "target.dtype", "must be auto, bf16 or fp32")
     need(bool(cfg.target.path), "target.path", "must name a Qwen3-MoE model dir or hub id")
     need(cfg.target.partition in ("none", "zero3"), "target.partition", "must be none or zero3")
+    if cfg.target.compile:
+        need(cfg.target.partition == "none" and not cfg.data.hidden_states, "target.compile",
+             "compiles the whole target's decoder layers; it applies to online training with "
+             "target.partition=none only")
     if cfg.target.partition == "zero3":
         need(not cfg.data.hidden_states, "target.partition",
              "zero3 partitions the target's decoder layers, which offline training (data.hidden_states) never "

@@ -79,6 +79,12 @@ def build_target(cfg: Config, device: torch.device, accelerator=None) -> FrozenT
         trust_remote_code=cfg.target.trust_remote_code, attn_implementation=cfg.target.attn_implementation,
     )
     print0(f"target: {cfg.target.path} ({sum(p.numel() for p in target.parameters()) / 1e6:.1f}M params, {dtype}, {device})")
+    if cfg.target.compile:
+        if device.type == "cuda":
+            target.compile_layers(dynamic=None)  # automatic dynamic: bucketed lengths stop recompiling
+            print0("target: decoder layers compiled (target.compile=true)")
+        else:
+            print0("target.compile=true ignored: compiling pays on a GPU only")
     return target
 
 
