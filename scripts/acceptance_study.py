@@ -248,9 +248,13 @@ def head_info(W: Path, name: str, a) -> dict:
         metrics = json.loads((d / "metrics.json").read_text())
     else:  # no held-out pass ran: the simulated acceptance length is missing
         metrics = {"step": int(d.name.split("-")[-1])}
+    import yaml
+
+    # the settings the head was trained with: its run's saved config (not this invocation's flags)
+    run_cfg = yaml.safe_load((W / "heads" / name / "config.yaml").read_text())["train"]
     return {"head_k": k, "head_loss": loss, "head_init": init, "head_data": data, "head_train_steps": metrics.get("step"),
-            "head_planned_steps": a.train_steps, "head_finished": finished,
-            "head_micro_batch_size": a.train_batch_size, "head_lr": a.train_lr, "train_metrics": metrics}
+            "head_planned_steps": run_cfg["max_steps"], "head_finished": finished,
+            "head_micro_batch_size": run_cfg["micro_batch_size"], "head_lr": run_cfg["lr"], "train_metrics": metrics}
 
 
 def write_results(a, W: Path, rows: list[dict], tok) -> None:
@@ -297,8 +301,10 @@ def write_results(a, W: Path, rows: list[dict], tok) -> None:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "commands": read_jsonl(W / "commands.jsonl") if (W / "commands.jsonl").exists() else [],
-        "settings": {"max_new_tokens": a.max_new_tokens, "eval_batch_size": a.eval_batch_size, "train_steps": a.train_steps,
-                     "train_micro_batch_size": a.train_batch_size, "train_lr": a.train_lr, "max_length": a.max_length,
+        "settings": {"max_new_tokens": a.max_new_tokens, "eval_batch_size": a.eval_batch_size,
+                     "train_steps": sorted({h["head_planned_steps"] for h in heads.values()}),
+                     "train_micro_batch_size": sorted({h["head_micro_batch_size"] for h in heads.values()}),
+                     "train_lr": sorted({h["head_lr"] for h in heads.values()}), "max_length": a.max_length,
                      "num_train_conversations": json.loads((W / "data" / "data.json").read_text()),
                      "heldout_prompts": a.heldout_prompts},
         "demo_target": {"params": demo["params"], "params_embedding_and_head": demo["params_embedding_and_head"],
