@@ -48,8 +48,11 @@ def sort_pairs(idx_Nk: torch.Tensor, num_experts: int):
     return perm_M, offs_E
 
 
-def experts_grouped(x_NH, idx_Nk, w_Nk, gate_up_E2IH, down_EHI):
-    """sum_j w[n, j] * expert_{idx[n, j]}(x[n]) for every token n, [N, H] in x's dtype."""
+def experts_grouped(x_NH, idx_Nk, w_Nk, gate_up_E2IH, down_EHI, inplace: bool = True):
+    """sum_j w[n, j] * expert_{idx[n, j]}(x[n]) for every token n, [N, H] in x's dtype.
+
+    inplace=True reuses the activation buffer (inference: the frozen target, decoding);
+    inplace=False keeps every intermediate autograd needs (`experts_grouped_train`)."""
     N, k = idx_Nk.shape
     E, two_I, _ = gate_up_E2IH.shape
     perm_M, offs_E = sort_pairs(idx_Nk, E)
@@ -57,7 +60,10 @@ def experts_grouped(x_NH, idx_Nk, w_Nk, gate_up_E2IH, down_EHI):
     w_M1 = w_Nk.reshape(-1).index_select(0, perm_M).to(x_NH.dtype)[:, None]
     h_M2I = grouped_mm(x_MH, gate_up_E2IH.transpose(1, 2), offs_E)
     gate_MI, up_MI = h_M2I.split(two_I // 2, dim=-1)
-    act_MI = F.silu(gate_MI).mul_(up_MI).mul_(w_M1)
+    if inplace:
+        act_MI = F.silu(gate_MI).mul_(up_MI).mul_(w_M1)
+    else:
+        act_MI = F.silu(gate_MI) * up_MI * w_M1
     y_MH = grouped_mm(act_MI, down_EHI.transpose(1, 2), offs_E)
     # inverse permutation: sorted row of pair p
     inv_M = torch.empty_like(perm_M)
@@ -112,17 +118,7 @@ def use_lean_experts(model: nn.Module, enable: bool = True) -> int:
 def experts_grouped_train(x_NH, idx_Nk, w_Nk, gate_up_E2IH, down_EHI):
     """`experts_grouped` with autograd (no in-place ops): gradients reach x, the routing weights
     and both expert weights. The trainable head's experts on a GPU."""
-    N, k = idx_Nk.shape
-    E, two_I, _ = gate_up_E2IH.shape
-    perm_M, offs_E = sort_pairs(idx_Nk, E)
-    x_MH = x_NH.index_select(0, perm_M // k)
-    w_M1 = w_Nk.reshape(-1).index_select(0, perm_M).to(x_NH.dtype)[:, None]
-    h_M2I = grouped_mm(x_MH, gate_up_E2IH.transpose(1, 2), offs_E)
-    gate_MI, up_MI = h_M2I.split(two_I // 2, dim=-1)
-    y_MH = grouped_mm(F.silu(gate_MI) * up_MI * w_M1, down_EHI.transpose(1, 2), offs_E)
-    inv_M = torch.empty_like(perm_M)
-    inv_M[perm_M] = torch.arange(perm_M.numel(), device=perm_M.device)
-    return y_MH.index_select(0, inv_M).view(N, k, -1).sum(1)
+    return experts_grouped(x_NH, idx_Nk, w_Nk, gate_up_E2IH, down_EHI, inplace=False)
 
 
 def _head_experts_forward(module: nn.Module, hidden_states, top_k_index, top_k_weights):
