@@ -39,6 +39,16 @@ def test_bad_values_name_the_key(override, key):
         load_config(ROOT / "configs/tiny.yaml", [override])
 
 
+@pytest.mark.parametrize("overrides", [
+    ["target.compile=true", "data.hidden_states=/tmp/dump", "eval.enabled=false"],  # offline: no layers to compile
+    ["target.compile=true", "target.partition=zero3", "eval.enabled=false"],       # partitioned: not compiled
+])
+def test_target_compile_refused_where_it_cannot_apply(overrides):
+    with pytest.raises(ValueError, match=r"target\.compile"):
+        load_config(ROOT / "configs/tiny.yaml", overrides)
+    assert load_config(ROOT / "configs/tiny.yaml", ["target.compile=true"]).target.compile is True
+
+
 def test_override_needs_equals_sign():
     with pytest.raises(ValueError, match="section.key=value"):
         load_config(None, ["train.max_steps"])

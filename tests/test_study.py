@@ -47,3 +47,15 @@ def test_acceptance_study_smoke(tmp_path):
     again = subprocess.run([sys.executable, "scripts/acceptance_study.py", "--phase", "train", "--smoke", "--work", str(work)],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "done" in again.stdout
+
+
+def test_study_refuses_a_missing_mt_bench_file(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import acceptance_study
+
+    with pytest.raises(SystemExit):
+        acceptance_study.parse_args(["--phase", "eval", "--mt-bench", str(tmp_path / "nope.jsonl")])
+    assert "no such file" in capsys.readouterr().err
+    # the CPU smoke mode runs without MT-Bench (its rows are skipped, not faked)
+    a = acceptance_study.parse_args(["--phase", "eval", "--smoke", "--mt-bench", str(tmp_path / "nope.jsonl")])
+    assert a.mt_bench is None and a.data == "sharegpt-package"
