@@ -29,7 +29,12 @@ Engine design (gpt-fast style, style.md §5):
 - the whole step (K-1 draft forwards + verify + acceptance + extend + bookkeeping) runs on
   device; on CUDA it is captured as one CUDA graph per engine; exactly one host sync per step
   (`finished.all()`);
-- plain greedy decoding with the same engine is the baseline and the lossless reference.
+- plain greedy decoding with the same engine is the baseline and the lossless reference;
+- kernels="triton" (the default on CUDA when Triton is installed): decode-sized steps run each
+  layer in nine Triton kernels (model/linear_kernels.py, attn_kernels.py, moe_kernels.py) instead
+  of ~20 torch kernels; their tiles do not depend on the step's token count, so a verify step
+  computes the same numbers as plain decoding of the same token. kernels="torch" is the torch
+  path (SDPA, cuBLAS, `experts` = grouped_mm on CUDA), which prefill always uses.
 
 Footguns: the target's and head's KV writes of finished rows are harmless (lengths frozen);
 `Engine`s built on the same `TargetLM` share its cache: the newest one invalidates the others.
@@ -47,14 +52,17 @@ from typing import NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 
-from model import moe_kernels
+from model import attn_kernels, linear_kernels, moe_kernels
 from model.fast_moe import experts_grouped
 from model.head import MTPHead, head_param_shapes
 from model.target import FrozenTarget
 
 IM_END_ID = 151645  # <|im_end|>, the Qwen3 chat end of turn
-# "triton": model/moe_kernels.py for N*k <= moe_kernels.MAX_PAIRS (decode), grouped_mm above
-EXPERT_IMPLS = ("loop", "gather", "grouped_mm", "triton")
+EXPERT_IMPLS = ("loop", "gather", "grouped_mm")  # the torch path's MoE experts
+# "triton": decode-sized steps (<= MAX_STEP_TOKENS tokens) run model/attn_kernels.py,
+# model/moe_kernels.py and model/linear_kernels.py; the prefill and bigger steps the torch path
+KERNEL_IMPLS = ("torch", "triton")
+MAX_STEP_TOKENS = min(moe_kernels.MAX_TOKENS, linear_kernels.MAX_TOKENS)
 CACHE_ALIGN = 16  # slots; keeps SDPA's attention-mask rows aligned for the fused kernels
 
 
@@ -157,22 +165,13 @@ def _mlp(x_BTH, lw: LayerWeights, d: Dims, experts: str):
     if lw.router is None:
         gate, up = F.linear(x_NH, lw.gate_up).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, lw.down).view(B, T, H)
-    logits_NE = F.linear(x_NH, lw.router)
-    if experts == "triton" and x_NH.shape[0] * d.top_k <= moe_kernels.MAX_PAIRS:
-        # top-k of the logits = top-k of the softmax (monotone; equal logits give equal
-        # probabilities, so ties are the same); the kernel turns the k top logits into the
-        # renormalised weights: no softmax / renormalisation kernels
-        top_Nk, idx_Nk = torch.topk(logits_NE, d.top_k, dim=-1)
-        lse_N = top_Nk if d.norm_topk else torch.logsumexp(logits_NE.float(), -1)  # (unread if norm_topk)
-        y_NkH = moe_kernels.expert_pairs(x_NH, idx_Nk, top_Nk, lse_N, lw.gate_up, lw.down, d.norm_topk)
-        return y_NkH.sum(1).to(x_BTH.dtype).view(B, T, H)
     # transformers' router: softmax in fp32 -> top-k -> renormalise -> model dtype
+    logits_NE = F.linear(x_NH, lw.router)
     probs_NE = F.softmax(logits_NE, dim=-1, dtype=torch.float)
     w_Nk, idx_Nk = torch.topk(probs_NE, d.top_k, dim=-1)
     if d.norm_topk:
         w_Nk = w_Nk / w_Nk.sum(-1, keepdim=True)
-    impl = "grouped_mm" if experts == "triton" else experts  # triton above MAX_PAIRS
-    out = _EXPERTS[impl](x_NH, idx_Nk, w_Nk.to(x_BTH.dtype), lw.gate_up, lw.down)
+    out = _EXPERTS[experts](x_NH, idx_Nk, w_Nk.to(x_BTH.dtype), lw.gate_up, lw.down)
     return out.view(B, T, H)
 
 
@@ -211,6 +210,20 @@ def _attention(x_BTH, lw: LayerWeights, d: Dims, kv_cache, cos, sin, mask, bidx,
     return F.linear(o.reshape(B, T, nq * D), lw.o)
 
 
+def decoder_layer_triton(x_BTH, lw: LayerWeights, d: Dims, kv_cache, cos_SD, sin_SD, pos_BT):
+    """One decoder layer of a decode-sized step in Triton kernels (modules' docstrings): the
+    q/k/v and o projections, q/k norm + RoPE + cache write, attention, residual add + norm +
+    router, and the experts with the weighted slot sum and residual add. cos/sin are the whole
+    [S, D] tables (the kernels read the rows at pos). Not for dense (mlp_only) layers."""
+    B, T, H = x_BTH.shape
+    qkv = linear_kernels.linear(x_BTH, lw.qkv, norm_w=lw.input_norm, eps=d.eps)  # input RMSNorm inside
+    q = attn_kernels.qk_prep(qkv, lw.qk_norm, cos_SD, sin_SD, kv_cache, pos_BT, d.eps, d.n_heads, d.n_kv)
+    a = linear_kernels.linear(attn_kernels.decode_attention(q, kv_cache, pos_BT, d.n_kv), lw.o)
+    h, hn, ids, wts = moe_kernels.router(x_BTH.reshape(-1, H), a.reshape(-1, H), lw.post_norm, lw.router, d.eps,
+                                         d.top_k, d.norm_topk)
+    return moe_kernels.experts(hn, ids, wts, h, lw.gate_up, lw.down).view(B, T, H)
+
+
 def decoder_layer(x_BTH, lw: LayerWeights, d: Dims, kv_cache, cos, sin, mask, bidx, pos, experts: str):
     """One Qwen3-MoE decoder layer (pre-norm attention + pre-norm MoE, residuals)."""
     h = x_BTH + _attention(rms_norm(x_BTH, lw.input_norm, d.eps), lw, d, kv_cache, cos, sin, mask, bidx, pos)
@@ -235,24 +248,23 @@ def _rope_table(rotary, S: int, device, dtype):
 class _Stack:
     """Decoder layers + static KV cache + RoPE table: the part the target and the head share."""
 
-    def __init__(self, layers: list[LayerWeights], dims: Dims, rotary, device, dtype, experts: str | None, compile: bool):
+    def __init__(self, layers: list[LayerWeights], dims: Dims, rotary, device, dtype, experts: str | None, compile: bool,
+                 kernels: str | None = None):
         self.layers, self.dims, self.rotary = layers, dims, rotary
         self.device, self.dtype = torch.device(device), dtype
         cuda = self.device.type == "cuda"
         self.experts_step = experts or ("grouped_mm" if cuda else "loop")
         self.experts_prefill = "grouped_mm" if cuda else "loop"
-        if self.experts_step not in EXPERT_IMPLS:
-            raise ValueError(f"experts={self.experts_step!r}; choose one of {EXPERT_IMPLS}")
-        if self.experts_step == "triton" and not moe_kernels.available(self.device):
-            raise ValueError(f"experts='triton' needs triton and a CUDA device (got {self.device}; on CPU only "
-                             "under TRITON_INTERPRET=1); use experts='grouped_mm'")
+        self.kernels = check_kernels(kernels, self.device, dims)
         self.layer_step = decoder_layer
+        self.layer_triton = decoder_layer_triton
         if compile:
             # one compiled graph per (B, T) shape, shared by all layers (weights are arguments)
             dyn = torch._dynamo.config
             limit = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
             setattr(dyn, limit, max(getattr(dyn, limit), 64))
             self.layer_step = torch.compile(decoder_layer, dynamic=False, fullgraph=True)
+            self.layer_triton = torch.compile(decoder_layer_triton, dynamic=False, fullgraph=True)
         self.kv_cache = None  # [layers, 2 (k, v), B, n_kv, S, D]
         self.cache_version = 0
 
@@ -277,6 +289,17 @@ class _Stack:
             raise RuntimeError("call allocate(batch_size, max_len) before forward")
         B, T = pos_BT.shape
         assert B == self.kv_cache.shape[2], f"batch {B} != cache batch {self.kv_cache.shape[2]}"
+        if not prefill and self.kernels == "triton" and B * T <= MAX_STEP_TOKENS:
+            for i, lw in enumerate(self.layers):  # (dense mlp_only layers: the torch path)
+                if lw.router is None:
+                    cos, sin = self.cos[pos_BT].unsqueeze(2), self.sin[pos_BT].unsqueeze(2)
+                    bidx = torch.arange(B, device=pos_BT.device)[:, None].expand(B, T)
+                    mask = _step_mask(pos_BT, self.kv_cache.shape[4], self.dims.n_heads // self.dims.n_kv, x_BTH.dtype)
+                    x_BTH = self.layer_step(x_BTH, lw, self.dims, self.kv_cache[i], cos, sin, mask, bidx, pos_BT,
+                                            self.experts_step)
+                else:
+                    x_BTH = self.layer_triton(x_BTH, lw, self.dims, self.kv_cache[i], self.cos, self.sin, pos_BT)
+            return x_BTH
         cos, sin = self.cos[pos_BT].unsqueeze(2), self.sin[pos_BT].unsqueeze(2)
         bidx = torch.arange(B, device=pos_BT.device)[:, None].expand(B, T)
         if prefill:
@@ -287,6 +310,33 @@ class _Stack:
         for i, lw in enumerate(self.layers):
             x_BTH = layer_fn(x_BTH, lw, self.dims, self.kv_cache[i], cos, sin, mask, bidx, pos_BT, experts)
         return x_BTH
+
+    def linear(self, x, w, fp32: bool = False):
+        """F.linear, or the Triton GEMV for decode-sized x (kernels="triton"); fp32 = logits."""
+        if self.kernels == "triton" and x.numel() // x.shape[-1] <= MAX_STEP_TOKENS:
+            return linear_kernels.linear(x, w, fp32)
+        y = F.linear(x, w)
+        return y.float() if fp32 else y
+
+
+def default_kernels(device) -> str:
+    """"triton" on a CUDA device when Triton is installed, else "torch"."""
+    return "triton" if torch.device(device).type == "cuda" and moe_kernels.available(device) else "torch"
+
+
+def check_kernels(kernels: str | None, device, dims: Dims | None = None) -> str:
+    """The kernels setting for `device` (None = default_kernels), or a ValueError saying why not."""
+    kernels = kernels or default_kernels(device)
+    if kernels not in KERNEL_IMPLS:
+        raise ValueError(f"kernels={kernels!r}; choose one of {KERNEL_IMPLS}")
+    if kernels == "triton":
+        if not moe_kernels.available(device):
+            raise ValueError(f"kernels='triton' needs triton and a CUDA device (got {torch.device(device)}; on CPU "
+                             "only under TRITON_INTERPRET=1); use kernels='torch'")
+        if dims is not None and (dims.head_dim & (dims.head_dim - 1) or dims.head_dim < 16):
+            raise ValueError(f"kernels='triton' needs a power-of-two head_dim >= 16, got {dims.head_dim}; "
+                             "use kernels='torch'")
+    return kernels
 
 
 def capture_graph(fn, warmup: int = 2) -> torch.cuda.CUDAGraph:
@@ -322,7 +372,7 @@ class TargetLM:
     `prefill=True` requires positions 0..T-1 in every row (an empty cache).
     """
 
-    def __init__(self, target, experts: str | None = None, compile: bool = False):
+    def __init__(self, target, experts: str | None = None, compile: bool = False, kernels: str | None = None):
         lm = _unwrap_target(target)
         self.config = lm.config
         w = lm.lm_head.weight
@@ -332,7 +382,7 @@ class TargetLM:
         self.norm_w = lm.model.norm.weight.detach().to(self.dtype)
         self.dims = Dims.of(self.config)
         layers = [LayerWeights.of(layer, self.device, self.dtype) for layer in lm.model.layers]
-        self.stack = _Stack(layers, self.dims, lm.model.rotary_emb, self.device, self.dtype, experts, compile)
+        self.stack = _Stack(layers, self.dims, lm.model.rotary_emb, self.device, self.dtype, experts, compile, kernels)
 
     def allocate(self, batch_size: int, max_len: int) -> None:
         self.stack.allocate(batch_size, max_len)
@@ -345,7 +395,7 @@ class TargetLM:
         return rms_norm(x, self.norm_w, self.dims.eps)
 
     def logits(self, hidden):
-        return F.linear(hidden, self.lm_head_w).float()
+        return self.stack.linear(hidden, self.lm_head_w, fp32=True)
 
 
 class MTPHeadLM:
@@ -353,7 +403,8 @@ class MTPHeadLM:
     embedding and lm_head are the target's. Interface: allocate; forward(tokens_BT, hidden_BTH,
     positions_BT, prefill=False) -> h'_BTH; logits(h'); device, dtype, hidden_size, vocab_size."""
 
-    def __init__(self, head: MTPHead, target: TargetLM, experts: str | None = None, compile: bool = False):
+    def __init__(self, head: MTPHead, target: TargetLM, experts: str | None = None, compile: bool = False,
+                 kernels: str | None = None):
         cfg = head.config
         if cfg.hidden_size != target.config.hidden_size:
             raise ValueError(f"head hidden_size {cfg.hidden_size} != target hidden_size {target.config.hidden_size}")
@@ -364,7 +415,7 @@ class MTPHeadLM:
         self.fc = head.fc.weight.detach().to(dev, dt)
         self.norm_w = head.norm.weight.detach().to(dev, dt)
         layers = [LayerWeights.of(head.layers[0], dev, dt)]
-        self.stack = _Stack(layers, self.dims, head.rotary_emb, dev, dt, experts, compile)
+        self.stack = _Stack(layers, self.dims, head.rotary_emb, dev, dt, experts, compile, kernels)
 
     def allocate(self, batch_size: int, max_len: int) -> None:
         self.stack.allocate(batch_size, max_len)
@@ -388,7 +439,8 @@ class MTPHeadLM:
     def forward(self, tokens_BT, hidden_BTH, positions_BT, prefill: bool = False):
         e = self.target.embed(tokens_BT)
         eps = self.dims.eps
-        z = F.linear(torch.cat([rms_norm(e, self.pre_e, eps), rms_norm(hidden_BTH.to(e.dtype), self.pre_h, eps)], -1), self.fc)
+        z = self.stack.linear(torch.cat([rms_norm(e, self.pre_e, eps), rms_norm(hidden_BTH.to(e.dtype), self.pre_h, eps)], -1),
+                              self.fc)
         return rms_norm(self.stack.run(z, positions_BT, prefill), self.norm_w, eps)
 
     def logits(self, hidden):
@@ -793,11 +845,11 @@ def _prompt_rows(prompts) -> list[dict]:
     return rows
 
 
-def build_drafter(kind: str, head, target_lm: TargetLM, experts=None, compile=False, **ngram_kwargs):
+def build_drafter(kind: str, head, target_lm: TargetLM, experts=None, compile=False, kernels=None, **ngram_kwargs):
     if kind == "mtp":
         if head is None:
             raise ValueError("drafter 'mtp' needs a head (--mtp)")
-        return MTPDrafter(MTPHeadLM(head, target_lm, experts=experts, compile=compile))
+        return MTPDrafter(MTPHeadLM(head, target_lm, experts=experts, compile=compile, kernels=kernels))
     if kind == "ngram":
         from model.ngram import NGramDrafter
 
@@ -810,6 +862,7 @@ def evaluate(target, head, tokenizer, prompts, steps: int = 3, temperature: floa
              batch_size: int = 8, max_new_tokens: int = 256, seed: int = 0, device=None,
              max_len: int | None = None, eos_ids=None, drafter: str = "mtp", baseline: bool = True,
              cuda_graphs: bool | None = None, experts: str | None = None, compile: bool = False,
+             kernels: str | None = None,
              progress: bool = True) -> dict:
     """Speculative decoding of `prompts` with the head, against plain decoding; the report dict.
 
@@ -823,7 +876,10 @@ def evaluate(target, head, tokenizer, prompts, steps: int = 3, temperature: floa
     if steps < 1:
         raise ValueError(f"steps (K) must be >= 1, got {steps}")
     rows = _prompt_rows(prompts)
-    tlm = target if isinstance(target, TargetLM) else TargetLM(target, experts=experts, compile=compile)
+    if isinstance(target, TargetLM):
+        tlm = target
+    else:
+        tlm = TargetLM(target, experts=experts, compile=compile, kernels=kernels)
     if device is not None and torch.device(device).type != tlm.device.type:
         raise ValueError(f"the target is on {tlm.device} but device={device}; load it there first")
     room = max_new_tokens + steps + 1
@@ -836,7 +892,7 @@ def evaluate(target, head, tokenizer, prompts, steps: int = 3, temperature: floa
                              f"{max_new_tokens} and K={steps} it needs --max-len >= {len(r['prompt_ids']) + room} "
                              f"(got {max_len}); raise --max-len or drop the prompt")
     eos = eos_token_ids(tlm.config, tokenizer) if eos_ids is None else list(eos_ids)
-    draft = build_drafter(drafter, head, tlm, experts=experts, compile=compile)
+    draft = build_drafter(drafter, head, tlm, experts=experts, compile=compile, kernels=kernels)
     batch_size = min(batch_size, len(rows))
     engine = Engine(tlm, draft, batch_size=batch_size, max_len=max_len, max_new_tokens=max_new_tokens,
                     steps=steps, temperature=temperature, eos_ids=eos, cuda_graphs=cuda_graphs)
@@ -858,7 +914,8 @@ def evaluate(target, head, tokenizer, prompts, steps: int = 3, temperature: floa
                 base_out[i] = r
     return build_report(rows, spec_out, base_out if baseline else None, spec_s, base_s, steps=steps,
                         temperature=temperature, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                        drafter=drafter, device=str(tlm.device), eos_ids=eos)
+                        drafter=drafter, device=str(tlm.device), eos_ids=eos,
+                        kernels=getattr(getattr(tlm, "stack", None), "kernels", None))
 
 
 def build_report(rows, spec_out, base_out, spec_s, base_s, *, steps, temperature, **settings) -> dict:

@@ -1,15 +1,18 @@
 """Decode-step benchmark of model/decode.py against transformers' generate() and the HBM floor.
 
-    # one H200, Qwen3-30B-A3B shape, random bf16 weights built on the GPU; budget < 8 minutes
-    python scripts/bench_decode.py --out docs/results/bench_decode_h200.json
-    # CPU smoke test of the same code path
+    # one H200, Qwen3-30B-A3B shape, random bf16 weights built on the GPU; about 8 minutes
+    python scripts/bench_decode.py --out docs/results/eval_speed.json
+    # CPU smoke test of the same code path (torch kernels)
     python scripts/bench_decode.py --config tiny --device cpu --batch-sizes 1,2 --out /tmp/bench.json
 
 Side by side, in one process, on the same model:
   ours    plain decode step; verify step (target forward over K+1 tokens + acceptance, K=1,3);
           full speculative step (K-1 head draft forwards + verify + draft extend), each one
-          CUDA graph; decoder layers eager, then torch.compile'd (--skip-compile to omit);
-          alternative MoE kernels (--experts) for the decode step
+          CUDA graph, with
+            triton  the decode kernels (model/linear_kernels.py, attn_kernels.py,
+                    moe_kernels.py; decode.py's default on CUDA), layers eager;
+            torch   the torch path (cuBLAS, SDPA, grouped_mm experts; the previous default);
+          each also with the decoder layers under torch.compile (--skip-compile to omit)
   hf      generate() greedy with its default cache, and cache_implementation="static" (which
           makes transformers compile the step: 1-2 minutes per batch size; --skip-hf-static)
   floor   bytes a step must read from HBM / 4.3 TB/s: attention, router and norms of every
@@ -17,28 +20,13 @@ Side by side, in one process, on the same model:
           embedding rows and the full lm_head; KV cache reads excluded
 Ours: GPU time of back-to-back graph replays (CUDA events), prefill excluded. HF: wall time of
 generate(), which includes its prefill of --ctx tokens (small next to --hf-tokens steps).
+Checks in the same run: each kernels setting's logits against transformers' forward after a
+shared prefill, decode-step vs verify-step logits of the same token (bit equality), and a
+speculative-vs-plain lossless check (T=0).
 Stages run in priority order and are skipped when --budget-s would be exceeded; a failing
 stage is recorded under "errors" and the rest still run. Prints a markdown table
-(docs/BENCHMARKS.md) and writes every number to --out.
-
-experts="triton" (model/moe_kernels.py) is checked against grouped_mm on the GPU before it is
-timed ("triton check": MoE outputs at N = 1/8/16 tokens, decode-step logits after a shared
-prefill, relative error < 2e-2; greedy tokens of a short plain run; spec-vs-plain lossless).
-
-Notes: changes for fewer, fatter kernels per layer and their predicted effect on the H200
-(compiled layers in CUDA graphs, measured before: 5.95 / 13.36 / 18.45 ms at B = 1 / 8 / 16)
-  - q/k/v as one GEMM, q_norm/k_norm and RoPE on q and k together: already in place (0 ms).
-  - experts="triton": 2 Triton kernels (gate_up+silu*up, down*routing weight) replace ~12
-    kernels of the grouped path (sort, bincount, cumsum, gather, 2 grouped GEMMs, act,
-    un-permute, weighted sum) per layer; router softmax and renormalisation move into the
-    kernel (topk only): ~13 fewer launches per layer, ~2.5-3 us each ->
-    B=1 ~4.0 ms (-1.9 ms, ~250 tok/s), B=8 ~10-11 ms (weights re-read per (token, slot)
-    pair: 64 reads for ~52 experts unless L2 catches them), B=16 ~ unchanged or worse (128
-    pair reads for ~82 experts). Verify K=3 at B=1 (32 pairs) ~ -1.8 ms. Eager layers: ~-2 ms.
-  - K and V written by one index_put into a [layers, 2, B, kv, S, D] cache: -1 kernel/layer
-    eager (-0.1 ms); compiled ~0 (inductor already emits the scatters in one kernel or two).
-  - whole step as one torch.compile region: not done; the step glue outside the layers is
-    ~20 kernels (~0.05 ms), and compiling 48 unrolled layers costs minutes of the budget.
+(docs/BENCHMARKS.md) and writes every number to --out. scripts/profile_decode.py shows where a
+step's time goes, kernel by kernel.
 """
 
 from __future__ import annotations
@@ -57,6 +45,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM  # noqa: E402
 
+from model import attn_kernels, linear_kernels, moe_kernels  # noqa: E402
 from model.configs import NAMED, make_config  # noqa: E402
 from model.decode import Engine, MTPDrafter, MTPHeadLM, TargetLM, capture_graph, verify_drafts  # noqa: E402
 from model.head import MTPHead  # noqa: E402
@@ -77,11 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--ks", default="1,3", help="draft lengths K of the verify / speculative steps")
     p.add_argument("--ctx", type=int, default=128, help="prompt tokens before the timed steps")
     p.add_argument("--iters", type=int, default=30, help="timed steps per measurement")
-    p.add_argument("--experts", default=None,
-                   help="MoE kernels, comma-separated, first = main (default grouped_mm,gather,triton on CUDA, "
-                        "loop,gather on CPU); the others: decode step, eager layers")
-    p.add_argument("--compiled-experts", default=None,
-                   help="MoE kernels timed with compiled layers (default: the main one, and triton on CUDA)")
+    p.add_argument("--kernels", default=None,
+                   help="decode kernels timed, comma-separated (default triton,torch on CUDA; torch on CPU)")
+    p.add_argument("--experts", default=None, help="the torch path's MoE experts (default grouped_mm on CUDA, loop on CPU)")
     p.add_argument("--hf-tokens", type=int, default=32, help="new tokens per HF generate() call")
     p.add_argument("--hf-static-batch-sizes", default="1,8")
     p.add_argument("--skip-hf", action="store_true", help="no HF generate() at all")
@@ -175,7 +162,7 @@ def free_memory() -> None:
 
 
 @torch.no_grad()
-def bench_ours(model, head, cfg, B: int, ks: list[int], a, experts: str, compile_: bool, decode_only: bool) -> dict:
+def bench_ours(model, head, cfg, B: int, ks: list[int], a, kernels: str, experts: str | None, compile_: bool) -> dict:
     """ms per plain decode step, verify step and speculative step at batch B."""
     device = torch.device(a.device)
     gen = torch.Generator().manual_seed(B)
@@ -185,26 +172,25 @@ def bench_ours(model, head, cfg, B: int, ks: list[int], a, experts: str, compile
     max_len = a.ctx + max_new + K_max + 1
     out = {"verify_ms": {}, "spec_ms": {}}
     t = time.perf_counter()
-    tlm = TargetLM(model, experts=experts, compile=compile_)
+    tlm = TargetLM(model, experts=experts, compile=compile_, kernels=kernels)
     plain = Engine(tlm, None, batch_size=B, max_len=max_len, max_new_tokens=max_new, steps=K_max)
     step = plain.start(prompts, speculative=False)
     out["decode_ms"] = time_steps(step, a.iters, device)
     out["setup_s"] = time.perf_counter() - t
-    if not decode_only:
-        for K in ks:  # the plain engine's cache holds the prompt; verify K+1 tokens after it
-            toks = torch.randint(0, cfg.vocab_size, (B, K + 1), generator=gen).to(device)
-            pos = (a.ctx + torch.arange(K + 1, device=device)).expand(B, K + 1)
-            fn = lambda: verify_drafts(toks[:, 1:], None, tlm.logits(tlm.forward(toks, pos)), 0.0)  # noqa: E731
-            graph = capture_graph(fn) if device.type == "cuda" else None
-            out["verify_ms"][K] = time_steps(graph.replay if graph else fn, a.iters, device)
-            del graph
-        del plain, step
-        for K in ks:
-            head_lm = MTPHeadLM(head, tlm, experts=experts, compile=compile_)
-            eng = Engine(tlm, MTPDrafter(head_lm), batch_size=B, max_len=max_len, max_new_tokens=max_new, steps=K)
-            step = eng.start(prompts, speculative=True)
-            out["spec_ms"][K] = time_steps(step, a.iters, device)
-            del eng, step, head_lm
+    for K in ks:  # the plain engine's cache holds the prompt; verify K+1 tokens after it
+        toks = torch.randint(0, cfg.vocab_size, (B, K + 1), generator=gen).to(device)
+        pos = (a.ctx + torch.arange(K + 1, device=device)).expand(B, K + 1)
+        fn = lambda: verify_drafts(toks[:, 1:], None, tlm.logits(tlm.forward(toks, pos)), 0.0)  # noqa: E731
+        graph = capture_graph(fn) if device.type == "cuda" else None
+        out["verify_ms"][K] = time_steps(graph.replay if graph else fn, a.iters, device)
+        del graph
+    del plain, step
+    for K in ks:
+        head_lm = MTPHeadLM(head, tlm, experts=experts, compile=compile_, kernels=kernels)
+        eng = Engine(tlm, MTPDrafter(head_lm), batch_size=B, max_len=max_len, max_new_tokens=max_new, steps=K)
+        step = eng.start(prompts, speculative=True)
+        out["spec_ms"][K] = time_steps(step, a.iters, device)
+        del eng, step, head_lm
     out["total_s"] = time.perf_counter() - t
     del tlm
     free_memory()
@@ -212,14 +198,13 @@ def bench_ours(model, head, cfg, B: int, ks: list[int], a, experts: str, compile
 
 
 @torch.no_grad()
-def lossless_check(model, head, cfg, B: int, K: int, a, experts: str) -> dict:
-    """T=0 speculative vs plain outputs of the same engine (bf16 verify vs decode may round
-    differently and flip near-tied argmaxes: mismatches are reported, not hidden)."""
+def lossless_check(model, head, cfg, B: int, K: int, a, kernels: str, experts: str | None) -> dict:
+    """T=0 speculative vs plain outputs of the same engine (mismatches are reported, not hidden)."""
     gen = torch.Generator().manual_seed(1000 + B)
     prompts = [torch.randint(0, cfg.vocab_size, (a.ctx,), generator=gen).tolist() for _ in range(B)]
     n = a.hf_tokens
-    tlm = TargetLM(model, experts=experts)
-    eng = Engine(tlm, MTPDrafter(MTPHeadLM(head, tlm, experts=experts)), batch_size=B,
+    tlm = TargetLM(model, experts=experts, kernels=kernels)
+    eng = Engine(tlm, MTPDrafter(MTPHeadLM(head, tlm, experts=experts, kernels=kernels)), batch_size=B,
                  max_len=a.ctx + n + K + 1, max_new_tokens=n, steps=K)
     spec, ref = eng.generate(prompts), eng.generate(prompts, speculative=False)
     mism = [i for i, (s, r) in enumerate(zip(spec.rows, ref.rows)) if s.output_ids != r.output_ids]
@@ -228,48 +213,36 @@ def lossless_check(model, head, cfg, B: int, K: int, a, experts: str) -> dict:
     del eng, tlm
     free_memory()
     return {"batch": B, "K": K, "new_tokens": n, "mismatching_rows": len(mism), "first_mismatch_at": first,
-            "spec_tok_s_e2e": B * (n - 1) / spec.decode_s, "plain_tok_s_e2e": B * (n - 1) / ref.decode_s}
+            "plain_outputs": [r.output_ids for r in ref.rows]}
 
 
 @torch.no_grad()
-def triton_check(model, cfg, a, batch_sizes: list[int]) -> dict:
-    """experts='triton' against grouped_mm on the same inputs (eager layers, no graphs): the MoE
-    block alone, the decode-step logits after a shared prefill, greedy tokens of a short run."""
-    from model.decode import Dims, LayerWeights, _mlp
-
-    device = torch.device(a.device)
-    d = Dims.of(cfg)
-    lw = LayerWeights.of(model.model.layers[0], device, next(model.parameters()).dtype)
-    gen = torch.Generator(device=device).manual_seed(7)
-    res = {"moe_rel_err": {}, "logits_rel_err": {}, "greedy": {}}
+def kernels_check(model, a, kernel_sets: list[str], experts: str | None, batch_sizes=(1, 8)) -> dict:
+    """Per kernels setting, after a shared prefill: logits of a 4-token verify step against
+    transformers' forward on the same tokens (relative error), and whether the decode step of
+    the first token gives bit-identical logits to the verify step's first position."""
+    cfg, dev = model.config, torch.device(a.device)
+    res = {}
+    g = torch.Generator().manual_seed(5)
 
     def rel(x, y):
         return ((x.float() - y.float()).norm() / y.float().norm()).item()
 
-    for N in (1, 8, 16):
-        x = torch.randn(1, N, cfg.hidden_size, device=device, generator=gen, dtype=lw.o.dtype)
-        res["moe_rel_err"][str(N)] = rel(_mlp(x, lw, d, "triton"), _mlp(x, lw, d, "grouped_mm"))
-    del lw
-    g = torch.Generator().manual_seed(3000)
     for B in batch_sizes:
-        prompts = torch.randint(0, cfg.vocab_size, (B, a.ctx), generator=g).tolist()
-        nxt = torch.randint(0, cfg.vocab_size, (B, 1), generator=g).to(device)
-        logits, outs = [], []
-        for ex in ("grouped_mm", "triton"):
-            tlm = TargetLM(model, experts=ex)
-            tlm.allocate(B, a.ctx + 32)
-            toks = torch.tensor(prompts, device=device)
-            tlm.forward(toks, torch.arange(a.ctx, device=device).expand(B, -1), prefill=True)
-            logits.append(tlm.logits(tlm.forward(nxt, torch.full((B, 1), a.ctx, device=device))))
-            eng = Engine(tlm, None, batch_size=B, max_len=a.ctx + 32, max_new_tokens=16, cuda_graphs=False)
-            outs.append([r.output_ids for r in eng.generate(prompts, speculative=False).rows])
-            del tlm, eng
-        res["logits_rel_err"][str(B)] = rel(logits[1], logits[0])
-        same = sum(x == y for x, y in zip(*outs))
-        first = [next((j for j, (u, v) in enumerate(zip(x, y)) if u != v), None) for x, y in zip(*outs)]
-        res["greedy"][str(B)] = {"rows_equal": same, "rows": B, "first_mismatch_at": [f for f in first if f is not None]}
-    res["ok"] = (max(res["moe_rel_err"].values()) < 2e-2 and max(res["logits_rel_err"].values()) < 2e-2
-                 and all(v["rows_equal"] == v["rows"] for v in res["greedy"].values()))
+        prompts = torch.randint(0, cfg.vocab_size, (B, a.ctx), generator=g).to(dev)
+        nxt = torch.randint(0, cfg.vocab_size, (B, 4), generator=g).to(dev)
+        pos = a.ctx + torch.arange(4, device=dev).expand(B, 4)
+        hf = model(torch.cat([prompts, nxt], 1)).logits[:, a.ctx:].float()  # the reference
+        for kernels in kernel_sets:
+            tlm = TargetLM(model, experts=experts, kernels=kernels)
+            tlm.allocate(B, a.ctx + 16)
+            tlm.forward(prompts, torch.arange(a.ctx, device=dev).expand(B, -1), prefill=True)
+            one = tlm.logits(tlm.forward(nxt[:, :1], pos[:, :1]))  # decode step (writes slot ctx)
+            four = tlm.logits(tlm.forward(nxt, pos))  # verify step over the same first token
+            res.setdefault(kernels, {})[str(B)] = {
+                "verify_vs_hf_rel_err": rel(four, hf), "decode_vs_hf_rel_err": rel(one, hf[:, :1]),
+                "decode_equals_verify": bool(torch.equal(one[:, 0], four[:, 0]))}
+            del tlm
     free_memory()
     return res
 
@@ -299,6 +272,10 @@ def bench_hf(model, cfg, B: int, a, static: bool) -> dict:
 
 
 # ------------------------------------------------------------------------- output
+MODE_LABELS = {"triton_graphs": "ours triton", "triton_compiled": "ours triton + compile",
+               "torch_graphs": "torch path", "torch_compiled": "torch path + compile"}
+
+
 def markdown(res: dict, batch_sizes: list[int], ks: list[int]) -> str:
     def f(x, spec="{:.0f}"):
         return "-" if x is None else spec.format(x)
@@ -310,39 +287,26 @@ def markdown(res: dict, batch_sizes: list[int], ks: list[int]) -> str:
             d = d[str(k)]
         return d
 
+    modes = [m for m in MODE_LABELS if m in res["decode_tok_s_by_mode"]]
     lines = [f"Decode throughput, {res['config']} random {res['dtype']} weights, {res['gpu']}, ctx {res['ctx']} "
              f"(torch {res['torch']}, transformers {res['transformers']}, {res['date'][:10]})", "",
-             "| batch | ours graphs tok/s | ours compiled tok/s | ours best tok/s | HF generate tok/s | HF static+compile tok/s | HBM floor tok/s |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| batch | " + " | ".join(f"{MODE_LABELS[m]} tok/s" for m in modes)
+             + " | HF generate tok/s | HF static+compile tok/s | HBM floor tok/s |",
+             "|---:|" + "---:|" * (len(modes) + 3)]
     for B in batch_sizes:
         floor = g(res, "hbm_floor_ms", "decode", B)
-        lines.append(f"| {B} | {f(g(res, 'decode_tok_s_by_mode', 'eager_graphs', B))} | {f(g(res, 'decode_tok_s_by_mode', 'compiled_graphs', B))} "
-                     f"| {f(g(res, 'decode_tok_s', B))} "
-                     f"| {f(g(res, 'hf_generate_tok_s', B))} | {f(g(res, 'hf_static_compile_tok_s', B))} "
+        lines.append(f"| {B} | " + " | ".join(f(g(res, "decode_tok_s_by_mode", m, B)) for m in modes)
+                     + f" | {f(g(res, 'hf_generate_tok_s', B), '{:.1f}')} | {f(g(res, 'hf_static_compile_tok_s', B), '{:.1f}')} "
                      f"| {f(B * 1e3 / floor if floor else None)} |")
-    lines += ["", "| step | batch | ours graphs ms | ours compiled ms | HBM floor ms |", "|---|---:|---:|---:|---:|"]
+    lines += ["", "| step | batch | " + " | ".join(f"{MODE_LABELS[m]} ms" for m in modes) + " | HBM floor ms |",
+              "|---|---:|" + "---:|" * (len(modes) + 1)]
     for name, key, K in ([("decode", "decode_step_ms", None)] + [(f"verify K={K}", "verify_step_ms", K) for K in ks]
-                         + [(f"spec K={K}", "spec_step_ms", K) for K in ks]):
+                         + [(f"spec step K={K}", "spec_step_ms", K) for K in ks]):
         for B in batch_sizes:
             sub = [] if K is None else [f"K={K}"]
-            e, c = (g(res, key + "_by_mode", m, *sub, B) for m in ("eager_graphs", "compiled_graphs"))
+            vals = [g(res, key + "_by_mode", m, *sub, B) for m in modes]
             fl = g(res, "hbm_floor_ms", "decode" if K is None else f"verify_K={K}", B) if key != "spec_step_ms" else None
-            lines.append(f"| {name} | {B} | {f(e, '{:.2f}')} | {f(c, '{:.2f}')} | {f(fl, '{:.3f}')} |")
-    alt = res.get("decode_step_ms_by_experts", {})
-    if alt:
-        lines += ["", "| MoE kernel (decode step, graphs) | " + " | ".join(f"B={B} ms" for B in batch_sizes) + " |",
-                  "|---|" + "---:|" * len(batch_sizes)]
-        for name, by_b in alt.items():
-            label = name[len("compiled:"):] + ", compiled layers" if name.startswith("compiled:") else name + ", eager layers"
-            lines.append(f"| {label} | " + " | ".join(f(by_b.get(str(B)), "{:.2f}") for B in batch_sizes) + " |")
-    extra = [m for m in res.get("spec_step_ms_by_mode", {}) if m not in ("eager_graphs", "compiled_graphs")]
-    if extra:
-        lines += ["", "| other mode | step | " + " | ".join(f"B={B} ms" for B in batch_sizes) + " |",
-                  "|---|---|" + "---:|" * len(batch_sizes)]
-        for m in extra:
-            for key, name in (("verify_step_ms_by_mode", "verify"), ("spec_step_ms_by_mode", "spec")):
-                for K, by_b in res[key].get(m, {}).items():
-                    lines.append(f"| {m} | {name} {K} | " + " | ".join(f(by_b.get(str(B)), "{:.2f}") for B in batch_sizes) + " |")
+            lines.append(f"| {name} | {B} | " + " | ".join(f(v, "{:.2f}") for v in vals) + f" | {f(fl, '{:.3f}')} |")
     return "\n".join(lines)
 
 
@@ -357,19 +321,19 @@ def main(argv=None) -> int:
     if min(ks) < 1 or min(batch_sizes) < 1:
         raise SystemExit("error: --ks and --batch-sizes must be >= 1")
     compile_ks = [int(x) for x in a.compile_ks.split(",") if x] or ks[-1:]
-    experts = (a.experts or ("grouped_mm,gather,triton" if cuda else "loop,gather")).split(",")
-    compiled_experts = (a.compiled_experts or (f"{experts[0]},triton" if cuda else experts[0])).split(",")
-    compiled_experts = list(dict.fromkeys(compiled_experts))  # unique, in order
+    kernel_sets = (a.kernels or ("triton,torch" if cuda else "torch")).split(",")
     res = {
         "config": a.config, "device": str(device), "gpu": torch.cuda.get_device_name() if cuda else "cpu",
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-        "transformers": transformers.__version__, "ctx": a.ctx, "iters": a.iters, "hf_tokens": a.hf_tokens,
-        "experts": experts[0], "hbm_bandwidth_tbps": a.bandwidth_tbps,
+        "transformers": transformers.__version__, "triton": getattr(moe_kernels.triton, "__version__", None),
+        "ctx": a.ctx, "iters": a.iters, "hf_tokens": a.hf_tokens, "kernels": kernel_sets,
+        "torch_path_experts": a.experts or ("grouped_mm" if cuda else "loop"), "hbm_bandwidth_tbps": a.bandwidth_tbps,
+        "kernel_config": {"moe": moe_kernels.CONFIG, "attention": attn_kernels.CONFIG, "linear": linear_kernels.CONFIG},
         "decode_tok_s": {}, "verify_step_ms": {}, "spec_step_ms": {},  # best mode per batch size
         "decode_tok_s_by_mode": {}, "decode_step_ms_by_mode": {}, "verify_step_ms_by_mode": {}, "spec_step_ms_by_mode": {},
-        "decode_step_ms_by_experts": {}, "hbm_floor_ms": {}, "hf_generate_tok_s": {}, "hf_generate_step_ms": {},
+        "hbm_floor_ms": {}, "hf_generate_tok_s": {}, "hf_generate_step_ms": {},
         "hf_static_compile_tok_s": {}, "hf_static_compile_first_call_s": {}, "setup_s": {},
-        "lossless_check": None, "triton_check": None, "lossless_check_triton": None, "errors": {}, "skipped": [],
+        "kernels_check": None, "lossless_check": {}, "errors": {}, "skipped": [],
     }
 
     def left() -> float:
@@ -420,24 +384,24 @@ def main(argv=None) -> int:
         log(f"  {mode} B={B}: decode {out['decode_ms']:.2f} ms ({B * 1e3 / out['decode_ms']:.0f} tok/s), "
             f"verify {({k: round(v, 2) for k, v in out['verify_ms'].items()})} ms, spec {({k: round(v, 2) for k, v in out['spec_ms'].items()})} ms")
 
-    # 1. ours, eager layers in CUDA graphs, every batch size; other MoE kernels: decode only
+    # 1. ours, layers eager in CUDA graphs, each kernels setting, every batch size
     for B in batch_sizes:
-        record("eager_graphs", B, stage(f"ours graphs B={B}", 10, lambda: bench_ours(model, head, cfg, B, ks, a, experts[0], False, False)))
-        res["decode_step_ms_by_experts"].setdefault(experts[0], {})[str(B)] = res["decode_step_ms_by_mode"].get("eager_graphs", {}).get(str(B))
-        for ex in experts[1:]:
-            out = stage(f"ours graphs B={B} experts={ex}", 10, lambda: bench_ours(model, head, cfg, B, ks, a, ex, False, True))
-            if out is not None:
-                res["decode_step_ms_by_experts"].setdefault(ex, {})[str(B)] = out["decode_ms"]
-    # 2. lossless at T=0 on this model (random head: almost every draft rejected)
+        for kernels in kernel_sets:
+            record(f"{kernels}_graphs", B, stage(f"ours {kernels} B={B}", 10,
+                                                 lambda: bench_ours(model, head, cfg, B, ks, a, kernels, a.experts, False)))
+    # 2. correctness in the same run: against transformers, decode vs verify, lossless at T=0
+    res["kernels_check"] = stage("kernels check", 20, lambda: kernels_check(model, a, kernel_sets, a.experts))
+    if res["kernels_check"]:
+        log(f"  kernels check: {res['kernels_check']}")
     B_check = min(8, max(batch_sizes))
-    res["lossless_check"] = stage("lossless check", 15, lambda: lossless_check(model, head, cfg, B_check, max(ks), a, experts[0]))
-    # 2b. the Triton MoE kernels against grouped_mm (numerics), before they are timed compiled
-    if "triton" in experts + compiled_experts:
-        res["triton_check"] = stage("triton check", 20, lambda: triton_check(model, cfg, a, sorted({1, B_check})))
-        if res["triton_check"] is not None:
-            log(f"  triton check: {res['triton_check']}")
-        res["lossless_check_triton"] = stage("lossless check triton", 15,
-                                             lambda: lossless_check(model, head, cfg, B_check, max(ks), a, "triton"))
+    for kernels in kernel_sets:
+        out = stage(f"lossless check {kernels}", 15, lambda: lossless_check(model, head, cfg, B_check, max(ks), a, kernels, a.experts))
+        if out:
+            res["lossless_check"][kernels] = out
+            log(f"  lossless {kernels}: {out['mismatching_rows']} of {B_check} rows differ")
+    if len(res["lossless_check"]) == 2:
+        outs = [v["plain_outputs"] for v in res["lossless_check"].values()]
+        res["plain_rows_equal_across_kernels"] = sum(x == y for x, y in zip(*outs))
     # 3. HF generate, default cache
     if not a.skip_hf:
         for B in batch_sizes:
@@ -446,18 +410,14 @@ def main(argv=None) -> int:
                 res["hf_generate_tok_s"][str(B)] = out["tok_s"]
                 res["hf_generate_step_ms"][str(B)] = out["step_ms"]
                 log(f"  hf generate B={B}: {out['tok_s']:.1f} tok/s")
-    # 4. ours with torch.compile'd layers (compiles one graph per (B, T) shape)
+    # 4. ours with torch.compile'd layers (one compiled graph per (B, T) shape)
     if a.skip_compile or not cuda:
         res["skipped"].append("ours compiled" + ("" if a.skip_compile else " (CUDA only)"))
     else:
         for B in batch_sizes:
-            for ex in compiled_experts:  # the first: "compiled_graphs"; others "compiled_graphs+<ex>"
-                mode = "compiled_graphs" if ex == compiled_experts[0] else f"compiled_graphs+{ex}"
-                out = stage(f"ours compiled B={B} experts={ex}", 60,
-                            lambda: bench_ours(model, head, cfg, B, compile_ks, a, ex, True, False))
-                record(mode, B, out)
-                if out is not None:
-                    res["decode_step_ms_by_experts"].setdefault(f"compiled:{ex}", {})[str(B)] = out["decode_ms"]
+            for kernels in kernel_sets:
+                record(f"{kernels}_compiled", B, stage(f"ours {kernels} compiled B={B}", 40,
+                                                       lambda: bench_ours(model, head, cfg, B, compile_ks, a, kernels, a.experts, True)))
     # 5. HF generate with a static cache (transformers compiles its step)
     if a.skip_hf or a.skip_hf_static or not cuda:
         res["skipped"].append("hf static" + ("" if (a.skip_hf or a.skip_hf_static) else " (CUDA only)"))
@@ -471,9 +431,8 @@ def main(argv=None) -> int:
     res["total_s"] = time.perf_counter() - T_START
     table = markdown(res, batch_sizes, ks)
     print("\n" + table + "\n")
-    for name in ("lossless_check", "triton_check", "lossless_check_triton"):
-        if res[name]:
-            print(f"{name.replace('_', ' ')}: {res[name]}")
+    print(f"kernels check: {json.dumps(res['kernels_check'])}")
+    print("lossless: " + ", ".join(f"{k} {v['mismatching_rows']}/{v['batch']} rows differ" for k, v in res["lossless_check"].items()))
     if res["errors"]:
         print(f"errors: {json.dumps(res['errors'], indent=1)}")
     if res["skipped"]:

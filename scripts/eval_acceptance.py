@@ -55,8 +55,11 @@ def parse_args(argv=None):
     p.add_argument("--report", default=None, help="write the report JSON here")
     p.add_argument("--plot", default=None, help="write a PNG of per-position acceptance and the histogram")
     p.add_argument("--no-baseline", action="store_true", help="skip plain decoding (no speedup, no lossless)")
-    p.add_argument("--experts", default=None, choices=["loop", "gather", "grouped_mm", "triton"],
-                   help="MoE kernel of decode steps (default: grouped_mm on CUDA, loop on CPU; triton: opt-in small-batch kernels, CUDA only)")
+    p.add_argument("--kernels", default=None, choices=["triton", "torch"],
+                   help="decode-step kernels (default: triton on CUDA when Triton is installed, else torch; "
+                        "docs/BENCHMARKS.md compares them)")
+    p.add_argument("--experts", default=None, choices=["loop", "gather", "grouped_mm"],
+                   help="MoE experts of the torch path (default: grouped_mm on CUDA, loop on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder layer of decode steps")
     return p.parse_args(argv)
 
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
         report = evaluate(target, head, tokenizer, prompts, steps=a.steps, temperature=a.temperature,
                           batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, seed=a.seed,
                           device=a.device, max_len=a.max_len, drafter=a.drafter, baseline=not a.no_baseline,
-                          experts=a.experts, compile=a.compile)
+                          experts=a.experts, compile=a.compile, kernels=a.kernels)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     report.update(target=a.target, mtp=a.mtp, prompts=a.prompts)

@@ -52,3 +52,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _triton_interpreter_without_gpu() -> None:
+    """Run the Triton kernels under Triton's CPU interpreter when no GPU is visible (tests/test_kernels.py).
+    Set before model/*_kernels.py is imported: triton.jit reads it when a kernel is defined."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_triton_interpreter_without_gpu()

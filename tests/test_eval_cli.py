@@ -119,7 +119,19 @@ def test_bench_decode_cpu_smoke(tmp_path):
     res = json.loads(out.read_text())
     assert rc == 0 and not res["errors"], res["errors"]
     assert set(res["decode_tok_s"]) == {"1", "2"} and set(res["verify_step_ms"]) == {"K=1", "K=2"}
-    assert set(res["hf_generate_tok_s"]) == {"1", "2"} and res["lossless_check"]["mismatching_rows"] == 0
+    assert set(res["hf_generate_tok_s"]) == {"1", "2"} and res["lossless_check"]["torch"]["mismatching_rows"] == 0
+    assert res["kernels_check"]["torch"]["1"]["verify_vs_hf_rel_err"] < 1e-4
     for key in ("hf_static_compile_tok_s", "hbm_floor_ms", "gpu", "date", "torch", "transformers"):
         assert key in res
     assert "| batch |" in res["markdown"]
+
+
+def test_profile_decode_cpu_smoke(tmp_path):
+    """scripts/profile_decode.py runs on the tiny config and writes its per-(mode, batch) rows."""
+    import profile_decode
+
+    out = tmp_path / "profile.json"
+    assert profile_decode.main(["--config", "tiny", "--device", "cpu", "--batch-sizes", "1", "--modes", "eager:torch:loop",
+                                "--ctx", "8", "--iters", "2", "--profile-steps", "1", "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["mode"], r["batch"]) for r in runs] == [("eager:torch:loop", 1)] and runs[0]["step_ms"] > 0

@@ -1,0 +1,169 @@
+"""Attention for decode-sized steps in two Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1).
+
+    q_NQD = qk_prep(qkv_N3, qk_norm_w, cos_SD, sin_SD, kv_cache, pos_BT, eps, n_heads, n_kv)
+    o_BTQD = decode_attention(q_NQD, kv_cache, pos_BT, n_kv)        # then o_proj
+
+Why: profiled on an H200 (scripts/profile_decode.py, Qwen3-30B-A3B shape, batch 1), the compiled
+torch attention of one layer is six kernels: q/k norm + RoPE, the K/V cache scatter, the query
+re-layout, two more small fusions and cuDNN's flash attention, which alone takes 8.7 us for a
+single query over ~270 cached slots. Here it is two kernels:
+
+  1. qk_prep    grid (tokens, n_heads + 2 n_kv): RMSNorm of each q and k head (q_norm/k_norm),
+                RoPE by position from the cos/sin tables, q to a buffer, k and v written into
+                the static cache at (row, position).
+  2. attention  grid (rows * n_kv, query blocks): the G = n_heads / n_kv query heads of a kv
+                head and the T step tokens of a row form the query block (GQA without
+                repeating K/V); online softmax over cache slots in blocks of BLOCK_S, slot s
+                visible to the query at position p when s <= p. The loop stops at the block's
+                last position, so stale slots past a row's length are never read.
+
+Numerics follow model/decode.py's torch path: the norm's x_hat and every RoPE product rounded to
+the model dtype as in bf16 torch ops; scores and softmax in fp32, P cast to the value dtype for
+the PV product (flash attention's rounding). A query's result does not depend on how many other
+tokens the step holds (fixed BLOCK_M / BLOCK_S tiling, fully masked blocks add exact zeros), so
+a verify step computes the same numbers as plain decoding of the same tokens.
+
+Requirements: positions of a row's step tokens are consecutive (decode, verify, draft and draft
+extend steps are); head_dim a power of two; kv_cache [2, B, n_kv, S, D] contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model.moe_kernels import triton, tl
+
+BLOCK_M = 16  # query rows (token, query head) per program: tl.dot's minimum
+# cache slots per inner iteration: the fastest of `scripts/profile_decode.py --tune` on an H200
+CONFIG = {"attention": {"BLOCK_S": 128, "num_warps": 8}}
+
+
+if triton is not None:
+
+    @triton.jit
+    def _qk_prep_kernel(qkv_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, cache_ptr,
+                        stride_kv, stride_b, stride_h, stride_s, T, eps,
+                        NQ: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr):
+        n = tl.program_id(0)  # token = b * T + t
+        h = tl.program_id(1)  # q heads, then k heads, then v heads
+        b = n // T
+        HALF: tl.constexpr = D // 2
+        dt = qkv_ptr.dtype.element_ty
+        d = tl.arange(0, HALF)
+        row = qkv_ptr + n.to(tl.int64) * ((NQ + 2 * NKV) * D) + h * D
+        x1 = tl.load(row + d).to(tl.float32)
+        x2 = tl.load(row + HALF + d).to(tl.float32)
+        pos = tl.load(pos_ptr + n).to(tl.int64)
+        if h < NQ + NKV:
+            r = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / D + eps)
+            w1 = tl.load(w_ptr + h * D + d).to(tl.float32)
+            w2 = tl.load(w_ptr + h * D + HALF + d).to(tl.float32)
+            y1 = ((x1 * r).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
+            y2 = ((x2 * r).to(dt).to(tl.float32) * w2).to(dt).to(tl.float32)
+            c1 = tl.load(cos_ptr + pos * D + d).to(tl.float32)
+            c2 = tl.load(cos_ptr + pos * D + HALF + d).to(tl.float32)
+            s1 = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+            s2 = tl.load(sin_ptr + pos * D + HALF + d).to(tl.float32)
+            # x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]; each product rounded
+            o1 = ((y1 * c1).to(dt).to(tl.float32) + (-y2 * s1).to(dt).to(tl.float32)).to(dt)
+            o2 = ((y2 * c2).to(dt).to(tl.float32) + (y1 * s2).to(dt).to(tl.float32)).to(dt)
+            if h < NQ:
+                dst = q_ptr + (n.to(tl.int64) * NQ + h) * D
+            else:
+                dst = cache_ptr + b.to(tl.int64) * stride_b + (h - NQ) * stride_h + pos * stride_s
+            tl.store(dst + d, o1)
+            tl.store(dst + HALF + d, o2)
+        else:
+            dst = cache_ptr + stride_kv + b.to(tl.int64) * stride_b + (h - NQ - NKV) * stride_h + pos * stride_s
+            tl.store(dst + d, x1.to(dt))
+            tl.store(dst + HALF + d, x2.to(dt))
+
+    @triton.jit
+    def _attention_kernel(q_ptr, cache_ptr, pos_ptr, o_ptr, stride_kv, stride_b, stride_h, stride_s, T, scale,
+                          NQ: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+        bh = tl.program_id(0)
+        mb = tl.program_id(1)
+        b = bh // NKV
+        kvh = bh % NKV
+        G: tl.constexpr = NQ // NKV
+        rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)  # r = t * G + g
+        row_ok = rows < T * G
+        t = rows // G
+        head = kvh * G + rows % G
+        n = (b * T + t).to(tl.int64)
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + (n * NQ + head)[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+        pos = tl.load(pos_ptr + n, mask=row_ok, other=-1)
+        # positions rise with t: the block's last token holds its largest position
+        t_last = tl.minimum((mb * BLOCK_M + BLOCK_M - 1) // G, T - 1)
+        end = tl.load(pos_ptr + b * T + t_last) + 1
+        k_base = cache_ptr + b.to(tl.int64) * stride_b + kvh * stride_h
+        v_base = k_base + stride_kv
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+        s0 = 0
+        while s0 < end:  # (a while loop: the CPU interpreter cannot range() to a loaded bound)
+            s = s0 + tl.arange(0, BLOCK_S)
+            s_ok = s < end
+            k = tl.load(k_base + s[:, None].to(tl.int64) * stride_s + d[None, :], mask=s_ok[:, None], other=0.0)
+            qk = tl.dot(q, tl.trans(k)) * qk_scale
+            qk = tl.where(s[None, :] <= pos[:, None], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(qk - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_base + s[:, None].to(tl.int64) * stride_s + d[None, :], mask=s_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+            s0 += BLOCK_S
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(o_ptr + (n * NQ + head)[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@torch.library.custom_op("mtp_decode::qk_prep", mutates_args=("kv_cache",))
+def qk_prep(qkv: torch.Tensor, qk_norm_w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            kv_cache: torch.Tensor, pos_BT: torch.Tensor, eps: float, n_heads: int, n_kv: int) -> torch.Tensor:
+    """q [B*T, n_heads, D] (normed, rotated); writes k and v into kv_cache [2, B, n_kv, S, D] at
+    (row, pos). qkv [B, T, (n_heads + 2 n_kv) * D]; qk_norm_w [n_heads + n_kv, D]; cos/sin [S, D]."""
+    B, T = pos_BT.shape
+    D = kv_cache.shape[-1]
+    qkv, pos_BT = qkv.contiguous(), pos_BT.contiguous()
+    assert kv_cache.stride(-1) == 1 and qk_norm_w.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
+    q = torch.empty(B * T, n_heads, D, dtype=qkv.dtype, device=qkv.device)
+    _qk_prep_kernel[(B * T, n_heads + 2 * n_kv)](
+        qkv, qk_norm_w, cos, sin, pos_BT, q, kv_cache, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        kv_cache.stride(3), T, eps, NQ=n_heads, NKV=n_kv, D=D, num_warps=1)
+    return q
+
+
+@qk_prep.register_fake
+def _(qkv, qk_norm_w, cos, sin, kv_cache, pos_BT, eps, n_heads, n_kv):
+    B, T = pos_BT.shape
+    return qkv.new_empty(B * T, n_heads, kv_cache.shape[-1])
+
+
+@torch.library.custom_op("mtp_decode::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, pos_BT: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """o [B, T, n_heads * D]: each query attends to its row's cache slots 0..pos."""
+    B, T = pos_BT.shape
+    _, n_heads, D = q.shape
+    G = n_heads // n_kv
+    q = q.contiguous()
+    assert kv_cache.stride(-1) == 1
+    o = torch.empty(B, T, n_heads * D, dtype=q.dtype, device=q.device)
+    grid = (B * n_kv, triton.cdiv(T * G, BLOCK_M))
+    cfg = CONFIG["attention"]
+    _attention_kernel[grid](q, kv_cache, pos_BT.contiguous(), o, kv_cache.stride(0), kv_cache.stride(1),
+                            kv_cache.stride(2), kv_cache.stride(3), T, D ** -0.5, NQ=n_heads, NKV=n_kv, D=D,
+                            BLOCK_M=BLOCK_M, BLOCK_S=cfg["BLOCK_S"], num_warps=cfg["num_warps"])
+    return o
+
+
+@decode_attention.register_fake
+def _(q, kv_cache, pos_BT, n_kv):
+    B, T = pos_BT.shape
+    return q.new_empty(B, T, q.shape[1] * q.shape[2])

@@ -1,0 +1,102 @@
+"""y = x W^T for decode-sized x (a few tokens) in one Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1).
+
+    y_MN = linear(x_MK, w_NK)                  # model dtype, like F.linear
+    logits_MN = linear(x_MK, w_NK, fp32=True)  # rounded to the model dtype, stored as fp32
+    qkv_MN = linear(x_MK, w_NK, norm_w=input_norm, eps=eps)  # F.linear(F.rms_norm(x, norm_w), w)
+
+Why: at batch 1 cuBLAS streams the q/k/v projection (21 MB) at about 2.7 TB/s and the o projection
+(17 MB) at about 1.9 TB/s, the latter as a split-K GEMV plus a reduction kernel (profiled on an
+H200, scripts/profile_decode.py). A step is bound by those bytes, so the rate matters; and the
+kernels cuBLAS picks change with the number of rows, so a token's result could depend on how many
+tokens the step holds.
+
+Here a program owns BLOCK_N output features and BLOCK_M = 16 tokens and walks K in BLOCK_K tiles,
+accumulating W_tile x^T with tl.dot in fp32; one rounding at the end, as F.linear. With norm_w
+the program first takes the RMS of its tokens' rows, then normalises x tiles as it loads them
+(rounded to the model dtype like F.rms_norm's output): the layer's input norm costs no kernel
+of its own (at batch 1 torch's RMSNorm kernel took 3.7 us a layer, for 4 KB). Tiles are
+fixed, so a token's result is the same in a 1-token decode step and in a (K+1)-token verify step.
+`linear` is a torch custom op, opaque to torch.compile.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model.moe_kernels import tl, triton
+
+BLOCK_M = 16  # tokens per program (tl.dot's minimum; fixed for batch invariance)
+MAX_TOKENS = 64  # decode.py: more tokens go to F.linear
+# the fastest of `scripts/profile_decode.py --tune` on an H200 at batch 1 (and at batch 8)
+CONFIG = {
+    "small": {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4},  # q/k/v (K < 4096)
+    "wide": {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 3},  # o, the head's fc (K >= 4096)
+    "large": {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},  # the lm_head (N > 16384)
+}
+
+
+def config_for(N: int, K: int) -> str:
+    return "large" if N > 16384 else "wide" if K >= 4096 else "small"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _linear_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, M, N, eps, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODEL_DT: tl.constexpr, NORM: tl.constexpr):
+        pn = tl.program_id(0)
+        pm = tl.program_id(1)
+        rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+        n_ok = rn < N
+        m_ok = rm < M
+        cols = tl.arange(0, BLOCK_K)
+        if NORM:  # 1 / RMS of each token's row, as F.rms_norm computes it (fp32)
+            ss = tl.zeros([BLOCK_K, BLOCK_M], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                c = k0 + cols
+                xt = tl.load(x_ptr + rm[None, :] * K + c[:, None], mask=m_ok[None, :] & (c < K)[:, None],
+                             other=0.0).to(tl.float32)
+                ss += xt * xt
+            r = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            c = k0 + cols
+            c_ok = c < K
+            w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + c[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+            xt = tl.load(x_ptr + rm[None, :] * K + c[:, None], mask=m_ok[None, :] & c_ok[:, None], other=0.0)
+            if NORM:
+                nw = tl.load(nw_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+                xt = (xt.to(tl.float32) * r[None, :] * nw[:, None]).to(MODEL_DT)
+            acc = tl.dot(w, xt, acc)
+        y = acc.to(MODEL_DT).to(y_ptr.dtype.element_ty)  # one rounding to the model dtype
+        tl.store(y_ptr + rm[None, :].to(tl.int64) * N + rn[:, None], y, mask=n_ok[:, None] & m_ok[None, :])
+
+
+_TL_DTYPE = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+@torch.library.custom_op("mtp_decode::linear", mutates_args=())
+def linear(x: torch.Tensor, w: torch.Tensor, fp32: bool = False, norm_w: torch.Tensor | None = None,
+           eps: float = 1e-6) -> torch.Tensor:
+    """x [..., K] @ w[N, K]^T -> [..., N] in x's dtype (fp32=True: the same values stored as fp32);
+    with norm_w, RMSNorm(x) * norm_w (eps) takes x's place."""
+    K = x.shape[-1]
+    N = w.shape[0]
+    x2 = x.reshape(-1, K).contiguous()
+    M = x2.shape[0]
+    assert w.is_contiguous() and w.shape[1] == K
+    y = torch.empty(M, N, dtype=torch.float32 if fp32 else x.dtype, device=x.device)
+    cfg = CONFIG[config_for(N, K)]
+    model_dt = getattr(tl, _TL_DTYPE[x.dtype])
+    norm = norm_w is not None
+    assert not norm or (norm_w.is_contiguous() and norm_w.shape == (K,))
+    _linear_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, BLOCK_M))](
+        x2, w, y, norm_w if norm else w, M, N, eps, K=K, BLOCK_M=BLOCK_M, BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"], MODEL_DT=model_dt, NORM=norm, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y.view(*x.shape[:-1], N)
+
+
+@linear.register_fake
+def _(x, w, fp32=False, norm_w=None, eps=1e-6):
+    return x.new_empty(*x.shape[:-1], w.shape[0], dtype=torch.float32 if fp32 else x.dtype)

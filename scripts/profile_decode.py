@@ -1,0 +1,230 @@
+"""Where a decode step's GPU time goes: a per-kernel table of model/decode.py's plain decode step.
+
+    # one H200, Qwen3-30B-A3B shape, random bf16 weights (about 3 minutes with compiling)
+    python scripts/profile_decode.py --batch-sizes 1,8 --modes compiled:triton --out /tmp/profile.json
+    # CPU smoke test of the same code (no CUDA graphs, no profiler kernel names)
+    python scripts/profile_decode.py --config tiny --device cpu --batch-sizes 1 --modes eager:loop
+
+For each (mode, batch) it builds the plain-decode Engine of bench_decode.py, times back-to-back
+step replays (CUDA events), then records a few replays under torch.profiler and aggregates the
+GPU kernels by name: calls and microseconds per step, and the share of the step. "gaps" is the
+step time the kernels do not cover (launch latency and tails between kernels in the graph).
+Modes are `eager|compiled:<kernels>[:<experts>]` (kernels: triton, torch; experts, for the torch
+path: grouped_mm, gather).
+
+--tune first times the Triton kernels of model/moe_kernels.py and model/attn_kernels.py alone,
+with every layer's own weights in turn (48 calls per CUDA graph replay, so the weights come from
+HBM as in a step), for a grid of tile sizes, and keeps the fastest for the profiled runs.
+--check compares the Triton kernels' decode step with the torch path (logits after a shared
+prefill) and runs a speculative-vs-plain lossless check with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from model.configs import NAMED  # noqa: E402
+from model import attn_kernels, linear_kernels, moe_kernels  # noqa: E402
+from model.decode import Dims, Engine, LayerWeights, TargetLM  # noqa: E402
+from scripts.bench_decode import (  # noqa: E402
+    build_head,
+    build_target,
+    hbm_floor_ms,
+    kernels_check,
+    log,
+    lossless_check,
+    time_steps,
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="qwen3-30b-a3b", choices=sorted(NAMED))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--modes", default="compiled:triton", help="comma-separated eager|compiled:<experts>")
+    p.add_argument("--ctx", type=int, default=128)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--profile-steps", type=int, default=5)
+    p.add_argument("--top", type=int, default=25, help="kernels listed per table")
+    p.add_argument("--std", type=float, default=0.02)
+    p.add_argument("--tune", action="store_true", help="time tile sizes of the Triton kernels first")
+    p.add_argument("--tune-batch-sizes", default="1,8")
+    p.add_argument("--tune-kernels", default=None, help="comma-separated subset of the tuned kernels (default all)")
+    p.add_argument("--check", action="store_true", help="both kernel settings against transformers, and lossless")
+    p.add_argument("--hf-tokens", type=int, default=32, help="new tokens of the lossless check")
+    p.add_argument("--out", default=None)
+    return p.parse_args(argv)
+
+
+GRID = {
+    "gate_up": [dict(BLOCK_I=bi, BLOCK_IN=bk, num_warps=4, num_stages=st)
+                for bi in (16, 32, 64) for bk in (128, 256) for st in (2, 3, 4)],
+    "down": [dict(BLOCK_H=bh, BLOCK_IN=bk, num_warps=4, num_stages=st)
+             for bh in (16, 32, 64) for bk in (128, 256) for st in (2, 3, 4)],
+    "combine": [dict(BLOCK=b, num_warps=w) for b in (256, 512, 1024) for w in (2, 4)],
+    "router": [dict(BLOCK_E=be, BLOCK_IN=bk, num_warps=w) for be in (2, 4, 8) for bk in (512, 1024) for w in (4, 8)],
+    "attention": [dict(BLOCK_S=bs, num_warps=w) for bs in (32, 64, 128) for w in (4, 8)],
+    "small": [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
+              for bn in (32, 64, 128) for bk in (128, 256, 512) for w in (4, 8) for st in (3, 4, 5)],
+    "wide": [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
+             for bn in (16, 32, 64) for bk in (256, 512, 1024) for w in (4, 8) for st in (3, 4, 5)],
+    "large": [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
+              for bn in (64, 128) for bk in (64, 128, 256) for w in (4, 8) for st in (3, 4, 5)],
+}
+CONFIGS = {"gate_up": moe_kernels.CONFIG, "down": moe_kernels.CONFIG, "combine": moe_kernels.CONFIG,
+           "router": moe_kernels.CONFIG, "attention": attn_kernels.CONFIG, "small": linear_kernels.CONFIG, "wide": linear_kernels.CONFIG,
+           "large": linear_kernels.CONFIG}
+
+
+def graph_ms(fn, reps: int = 20) -> float:
+    """ms per replay of a CUDA graph of fn()."""
+    from model.decode import capture_graph
+
+    g = capture_graph(fn)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    g.replay()
+    start.record()
+    for _ in range(reps):
+        g.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+@torch.no_grad()
+def tune(model, batch_sizes: list[int], ctx: int, names: list[str]) -> dict:
+    """Per kernel and batch size: us per call (mean over the 48 layers) for each tile config;
+    sets the CONFIGs to the fastest at the largest... first batch size (batch 1 is the goal)."""
+    cfg, dev = model.config, next(model.parameters()).device
+    d = Dims.of(cfg)
+    lws = [LayerWeights.of(layer, dev, torch.bfloat16) for layer in model.model.layers]
+    L, H = len(lws), cfg.hidden_size
+    out = {}
+    for B in batch_sizes:
+        g = torch.Generator(device=dev).manual_seed(B)
+        x = torch.randn(B, H, device=dev, dtype=torch.bfloat16, generator=g)
+        a = torch.randn(B, H, device=dev, dtype=torch.bfloat16, generator=g) * 0.1
+        S = ctx + 16
+        cache = torch.randn(L, 2, B, d.n_kv, S, d.head_dim, device=dev, dtype=torch.bfloat16, generator=g)
+        q = torch.randn(B, d.n_heads, d.head_dim, device=dev, dtype=torch.bfloat16, generator=g)
+        pos = torch.full((B, 1), ctx, device=dev, dtype=torch.long)
+        xo = torch.randn(B, d.n_heads * d.head_dim, device=dev, dtype=torch.bfloat16, generator=g)
+        lm_head = model.lm_head.weight.detach()
+        hs = [moe_kernels.router(x, a, lw.post_norm, lw.router, d.eps, d.top_k, d.norm_topk) for lw in lws]
+        fns = {
+            "router": lambda: [moe_kernels.router(x, a, lw.post_norm, lw.router, d.eps, d.top_k, d.norm_topk)
+                               for lw in lws],
+            "gate_up": lambda: [moe_kernels.experts(h[1], h[2], h[3], h[0], lw.gate_up, lw.down) for h, lw in zip(hs, lws)],
+            # "down" and "combine" are timed inside the same op
+            "attention": lambda: [attn_kernels.decode_attention(q, cache[i], pos, d.n_kv) for i in range(L)],
+            "small": lambda: [linear_kernels.linear(x, lw.qkv, norm_w=lw.input_norm) for lw in lws],
+            "wide": lambda: [linear_kernels.linear(xo, lw.o) for lw in lws],
+            "large": lambda: [linear_kernels.linear(x, lm_head, True) for _ in range(L)],
+        }
+        res = {}
+        for name in names:
+            grid = GRID[name]
+            base = "gate_up" if name in ("down", "combine") else name
+            conf = CONFIGS[name]
+            best, rows = None, []
+            keep = dict(conf[name])
+            for c in grid:
+                conf[name] = dict(c)
+                try:
+                    us = graph_ms(fns[base]) * 1e3 / L
+                except Exception as e:  # a tile that does not compile or fit
+                    rows.append({**c, "error": f"{type(e).__name__}: {str(e)[:80]}"})
+                    continue
+                rows.append({**c, "us": us})
+                if best is None or us < best[1]:
+                    best = (dict(c), us)
+            conf[name] = best[0] if best and B == batch_sizes[0] else keep
+            res[name] = {"best": best[0] if best else None, "best_us": best[1] if best else None, "all": rows}
+            log(f"tune B={B} {name}: best {best}")
+        out[str(B)] = res
+    torch.cuda.empty_cache()
+    return out
+
+
+def kernel_table(step, n: int, device) -> list[dict]:
+    """GPU kernels of `n` calls of `step`, aggregated by name (per step)."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    agg: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            a = agg[ev.name]
+            a[0] += 1
+            a[1] += ev.device_time  # us
+    rows = [{"kernel": k, "calls_per_step": c / n, "us_per_step": t / n} for k, (c, t) in agg.items()]
+    return sorted(rows, key=lambda r: -r["us_per_step"])
+
+
+@torch.no_grad()
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    device = torch.device(a.device)
+    log(f"building {a.config} on {device}")
+    model = build_target(a.config, a.device, a.std)
+    cfg = model.config
+    res = {"config": a.config, "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+           "torch": torch.__version__, "runs": []}
+    if a.tune:
+        res["tune"] = tune(model, [int(x) for x in a.tune_batch_sizes.split(",")], a.ctx,
+                           a.tune_kernels.split(",") if a.tune_kernels else list(GRID))
+        res["config"] = {"moe": moe_kernels.CONFIG, "attention": attn_kernels.CONFIG, "linear": linear_kernels.CONFIG}
+        log(f"tuned: {res['config']}")
+    if a.check:
+        res["check"] = kernels_check(model, a, ["torch", "triton"], None)
+        log(f"check: {res['check']}")
+        head = build_head(model, a.device, a.std)
+        for kernels in ("torch", "triton"):
+            out = lossless_check(model, head, cfg, 8, 3, a, kernels, None)
+            res["check"][f"lossless_{kernels}"] = out
+            log(f"lossless {kernels}: {out['mismatching_rows']} of 8 rows differ")
+    gen = torch.Generator().manual_seed(0)
+    for mode in a.modes.split(","):
+        kind, kernels, experts = (mode.split(":") + ["", ""])[:3]
+        for B in [int(x) for x in a.batch_sizes.split(",")]:
+            prompts = torch.randint(0, cfg.vocab_size, (B, a.ctx), generator=gen).tolist()
+            max_new = a.iters * 3 + a.profile_steps + 8
+            tlm = TargetLM(model, experts=experts or None, compile=kind == "compiled", kernels=kernels or None)
+            eng = Engine(tlm, None, batch_size=B, max_len=a.ctx + max_new + 4, max_new_tokens=max_new, steps=1)
+            step = eng.start(prompts, speculative=False)
+            ms = time_steps(step, a.iters, device)
+            table = kernel_table(step, a.profile_steps, device)
+            covered = sum(r["us_per_step"] for r in table)
+            floor = hbm_floor_ms(cfg, B, 1, 4.3)
+            log(f"{mode} B={B}: step {ms:.3f} ms ({B * 1e3 / ms:.0f} tok/s), kernels {covered / 1e3:.3f} ms, "
+                f"{sum(r['calls_per_step'] for r in table):.0f} launches, floor {floor:.3f} ms")
+            print("| kernel | calls/step | us/step | share |\n|---|---:|---:|---:|")
+            for r in table[: a.top]:
+                print(f"| {r['kernel'][:90]} | {r['calls_per_step']:.0f} | {r['us_per_step']:.1f} | {r['us_per_step'] / (ms * 10):.1f}% |")
+            print(f"| gaps (step - kernels) | | {ms * 1e3 - covered:.1f} | {(ms * 1e3 - covered) / (ms * 10):.1f}% |\n", flush=True)
+            res["runs"].append({"mode": mode, "batch": B, "step_ms": ms, "kernels_ms": covered / 1e3,
+                                "floor_ms": floor, "kernels": table})
+            del eng, step, tlm
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The decode-step Triton kernels (model/linear_kernels.py, attn_kernels.py, moe_kernels.py)
+against torch references, their batch invariance, and the engine running on them.
+
+On a CPU they run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when no
+GPU is visible; `pip install triton` is in the dev extras). Without triton the kernel tests skip
+and the engine must refuse kernels="triton"."""
+
+import pytest
+import torch
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
+
+from model import moe_kernels
+from model.configs import make_config
+from model.decode import Dims, Engine, LayerWeights, MTPDrafter, MTPHeadLM, TargetLM, _attention, _experts_loop
+from model.head import MTPHead
+
+V = 512
+needs_triton = pytest.mark.skipif(not moe_kernels.available("cpu") and not torch.cuda.is_available(),
+                                  reason="triton kernels need CUDA, or triton installed and TRITON_INTERPRET=1")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = make_config("tiny", vocab_size=V, bos_token_id=0, eos_token_id=1)
+    cfg._experts_implementation = "eager"
+    model = Qwen3MoeForCausalLM(cfg).float().eval().to(DEV)
+    prompts = [torch.randint(2, V, (n,)).tolist() for n in (5, 11, 3)]
+    return cfg, model, prompts
+
+
+def moe_weights(gen, H=100, I=48, E=8):
+    """H and I not multiples of the tiles: masked tails."""
+    return (torch.randn(E, 2 * I, H, generator=gen) * 0.2, torch.randn(E, H, I, generator=gen) * 0.2,
+            torch.randn(E, H, generator=gen) * 0.5, torch.rand(H, generator=gen) + 0.5)
+
+
+# ------------------------------------------------------------- references (no triton needed)
+@pytest.mark.parametrize("norm_topk", [True, False])
+def test_moe_reference_matches_transformers_router_and_loop(norm_topk):
+    """experts_reference (the kernels' spec: top-k by logit, weights from the k logits or the
+    full log-sum-exp) equals transformers' softmax -> top-k -> renormalise -> expert loop."""
+    gen = torch.Generator().manual_seed(0)
+    gate_up, down, router_w, _ = moe_weights(gen)
+    hn, res = torch.randn(5, 100, generator=gen), torch.randn(5, 100, generator=gen)
+    logits = hn @ router_w.T
+    w, idx = torch.topk(logits.softmax(-1), 3)
+    if norm_topk:
+        w = w / w.sum(-1, keepdim=True)
+    ids, weights = moe_kernels.route_reference(logits, 3, norm_topk)
+    assert torch.equal(ids, idx)
+    torch.testing.assert_close(weights, w)
+    torch.testing.assert_close(moe_kernels.experts_reference(hn, ids, weights, res, gate_up, down),
+                               res + _experts_loop(hn, idx, w, gate_up, down), atol=1e-5, rtol=1e-5)
+
+
+def test_triton_kernels_refused_where_they_cannot_run(tiny, monkeypatch):
+    cfg, model, _ = tiny
+    monkeypatch.setattr(moe_kernels, "available", lambda device: False)
+    with pytest.raises(ValueError, match="kernels='triton' needs triton"):
+        TargetLM(model, kernels="triton")
+    with pytest.raises(ValueError, match="choose one of"):
+        TargetLM(model, kernels="cuda")
+
+
+# ---------------------------------------------------------------------------- kernels
+@needs_triton
+@pytest.mark.parametrize("norm_topk", [True, False])
+def test_moe_kernels_match_reference_and_are_batch_invariant(norm_topk):
+    gen = torch.Generator().manual_seed(1)
+    gate_up, down, router_w, norm_w = (t.to(DEV) for t in moe_weights(gen))
+    x, a = torch.randn(20, 100, generator=gen).to(DEV), torch.randn(20, 100, generator=gen).to(DEV)
+    h, hn, ids, wts = moe_kernels.router(x, a, norm_w, router_w, 1e-6, 3, norm_topk)
+    for got, want in zip((h, hn, ids, wts), moe_kernels.router_reference(x, a, norm_w, router_w, 1e-6, 3, norm_topk)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for n in (1, 3, 20):  # 20 tokens: two tl.dot groups of 16
+        torch.testing.assert_close(moe_kernels.experts(hn[:n], ids[:n], wts[:n], h[:n], gate_up, down),
+                                   moe_kernels.experts_reference(hn[:n], ids[:n], wts[:n], h[:n], gate_up, down),
+                                   atol=1e-4, rtol=1e-4)
+    # a token's output does not depend on the other tokens of the step (bit for bit): change
+    # every other token (inputs and routing) and keep the token's place in the step. (Its place
+    # is not varied: numpy's matmul, which the interpreter's tl.dot runs on, rounds by column;
+    # on the GPU bench_decode.py checks decode-step against verify-step logits.)
+    full = moe_kernels.experts(hn, ids, wts, h, gate_up, down)
+    perm = torch.randperm(20, generator=gen).to(DEV)
+    for i in (0, 7, 19):
+        others = perm[perm != i][:19]
+        rows = torch.cat([others[:i], torch.tensor([i], device=DEV), others[i:]])
+        mixed = moe_kernels.experts(hn[rows], ids[rows], wts[rows], h[rows], gate_up, down)
+        assert torch.equal(mixed[i], full[i])
+
+
+@needs_triton
+def test_linear_kernel_matches_f_linear_and_is_batch_invariant():
+    from model import linear_kernels
+
+    gen = torch.Generator().manual_seed(2)
+    w, x = torch.randn(300, 200, generator=gen).to(DEV), torch.randn(2, 10, 200, generator=gen).to(DEV)
+    y = linear_kernels.linear(x, w)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w), atol=1e-4, rtol=1e-4)
+    assert linear_kernels.linear(x, w, True).dtype == torch.float32
+    x2 = torch.randn(2, 10, 200, generator=gen).to(DEV)  # other tokens, same place for token (1, 3)
+    x2[1, 3] = x[1, 3]
+    assert torch.equal(linear_kernels.linear(x2, w)[1, 3], y[1, 3])
+    norm_w = torch.rand(200, generator=gen).to(DEV) + 0.5  # the fused input RMSNorm
+    yn = linear_kernels.linear(x, w, norm_w=norm_w, eps=1e-6)
+    torch.testing.assert_close(yn, torch.nn.functional.linear(torch.nn.functional.rms_norm(x, (200,), norm_w, 1e-6), w),
+                               atol=1e-4, rtol=1e-4)
+    assert torch.equal(linear_kernels.linear(x2, w, norm_w=norm_w, eps=1e-6)[1, 3], yn[1, 3])
+
+
+@needs_triton
+def test_attention_kernels_match_torch_path_and_are_batch_invariant(tiny):
+    """q/k norm + RoPE + cache write + attention against decode.py's SDPA path, on a cache
+    with stale entries past each row's length; a row's result is the same whether the step
+    holds 1 or 4 of its tokens."""
+    from model import attn_kernels
+    from model.decode import _rope_table, _step_mask
+
+    cfg, model, _ = tiny
+    d = Dims.of(cfg)
+    lw = LayerWeights.of(model.model.layers[0], DEV, torch.float32)
+    B, S, T = 3, 32, 4
+    gen = torch.Generator().manual_seed(3)
+    cache = torch.randn(2, B, d.n_kv, S, d.head_dim, generator=gen).to(DEV)  # stale everywhere
+    ref_cache = cache.clone()
+    x = torch.randn(B, T, cfg.hidden_size, generator=gen).to(DEV)
+    pos = torch.tensor([[5], [17], [0]], device=DEV) + torch.arange(T, device=DEV)
+    cos, sin = _rope_table(model.model.rotary_emb, S, DEV, torch.float32)
+    mask = _step_mask(pos, S, d.n_heads // d.n_kv, torch.float32)
+    bidx = torch.arange(B, device=DEV)[:, None].expand(B, T)
+    want = _attention(x, lw, d, ref_cache, cos[pos].unsqueeze(2), sin[pos].unsqueeze(2), mask, bidx, pos)
+    qkv = torch.nn.functional.linear(x, lw.qkv)
+    q = attn_kernels.qk_prep(qkv, lw.qk_norm, cos, sin, cache, pos, d.eps, d.n_heads, d.n_kv)
+    got = torch.nn.functional.linear(attn_kernels.decode_attention(q, cache, pos, d.n_kv), lw.o)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cache, ref_cache, atol=1e-5, rtol=1e-5)  # same K/V written
+    one = attn_kernels.decode_attention(q.view(B, T, -1, d.head_dim)[:, :1].reshape(B, -1, d.head_dim),
+                                        cache, pos[:, :1], d.n_kv)
+    assert torch.equal(one, attn_kernels.decode_attention(q, cache, pos, d.n_kv)[:, :1])
+
+
+# ----------------------------------------------------------------------------- engine
+@needs_triton
+def test_engine_on_triton_kernels_matches_torch_path_and_is_lossless(tiny):
+    """Plain greedy decoding on the kernels gives the torch path's tokens, and speculative
+    decoding on them gives the same tokens as plain decoding on them (K=2, a head from the
+    target's last layer, so some drafts are accepted)."""
+    cfg, model, prompts = tiny
+    with torch.device(DEV):
+        head = MTPHead(cfg).float().eval()
+    head.layers[0].load_state_dict(model.model.layers[-1].state_dict())
+    new = 6
+    outs = {}
+    for kernels in ("torch", "triton"):
+        tlm = TargetLM(model, kernels=kernels)
+        eng = Engine(tlm, MTPDrafter(MTPHeadLM(head, tlm, kernels=kernels)), batch_size=len(prompts), max_len=40,
+                     max_new_tokens=new, steps=2, eos_ids=(1,))
+        spec, plain = eng.generate(prompts), eng.generate(prompts, speculative=False)
+        outs[kernels] = [r.output_ids for r in plain.rows]
+        assert [r.output_ids for r in spec.rows] == outs[kernels]
+        assert sum(sum(r.hist) for r in spec.rows) > 0
+    assert outs["triton"] == outs["torch"]
