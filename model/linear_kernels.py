@@ -85,7 +85,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, fp32: bool = False, norm_w: torch.T
     N = w.shape[0]
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
-    assert w.is_contiguous() and w.shape[1] == K
+    assert w.shape[1] == K, f"weight {tuple(w.shape)} does not take inputs of {K} features"
+    w = w.contiguous()  # (a no-op for the engine's weights, which are contiguous)
     y = torch.empty(M, N, dtype=torch.float32 if fp32 else x.dtype, device=x.device)
     cfg = CONFIG[config_for(N, K)]
     model_dt = getattr(tl, _TL_DTYPE[x.dtype])
