@@ -255,6 +255,9 @@ class _Stack:
         cuda = self.device.type == "cuda"
         self.experts_step = experts or ("grouped_mm" if cuda else "loop")
         self.experts_prefill = "grouped_mm" if cuda else "loop"
+        if self.experts_step not in EXPERT_IMPLS:
+            hint = " (the Triton kernels are kernels='triton')" if self.experts_step == "triton" else ""
+            raise ValueError(f"experts={self.experts_step!r}; choose one of {EXPERT_IMPLS}{hint}")
         self.kernels = check_kernels(kernels, self.device, dims)
         self.layer_step = decoder_layer
         self.layer_triton = decoder_layer_triton

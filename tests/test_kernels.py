@@ -70,6 +70,8 @@ def test_triton_kernels_refused_where_they_cannot_run(tiny, monkeypatch):
         TargetLM(model, kernels="triton")
     with pytest.raises(ValueError, match="choose one of"):
         TargetLM(model, kernels="cuda")
+    with pytest.raises(ValueError, match="kernels='triton'"):  # the old spelling of the MoE kernels
+        TargetLM(model, experts="triton")
 
 
 # ---------------------------------------------------------------------------- kernels
