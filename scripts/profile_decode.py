@@ -178,6 +178,9 @@ def kernel_table(step, n: int, device) -> list[dict]:
 @torch.no_grad()
 def main(argv=None) -> int:
     a = parse_args(argv)
+    unknown = set(a.tune_kernels.split(",") if a.tune_kernels else []) - set(GRID)
+    if unknown:
+        raise SystemExit(f"error: --tune-kernels {sorted(unknown)} unknown; choose from {sorted(GRID)}")
     device = torch.device(a.device)
     log(f"building {a.config} on {device}")
     model = build_target(a.config, a.device, a.std)

@@ -54,6 +54,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of tiny ops: thread hand-offs cost more than they save
+    (and CI shares 2 cores). Modules opt in with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _triton_interpreter_without_gpu() -> None:
     """Run the Triton kernels under Triton's CPU interpreter when no GPU is visible (tests/test_kernels.py).
     Set before model/*_kernels.py is imported: triton.jit reads it when a kernel is defined."""

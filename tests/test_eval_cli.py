@@ -134,4 +134,6 @@ def test_profile_decode_cpu_smoke(tmp_path):
     assert profile_decode.main(["--config", "tiny", "--device", "cpu", "--batch-sizes", "1", "--modes", "eager:torch:loop",
                                 "--ctx", "8", "--iters", "2", "--profile-steps", "1", "--out", str(out)]) == 0
     runs = json.loads(out.read_text())["runs"]
+    with pytest.raises(SystemExit, match="unknown"):
+        profile_decode.main(["--config", "tiny", "--device", "cpu", "--tune-kernels", "gemm"])
     assert [(r["mode"], r["batch"]) for r in runs] == [("eager:torch:loop", 1)] and runs[0]["step_ms"] > 0

@@ -20,12 +20,7 @@ needs_triton = pytest.mark.skipif(not moe_kernels.available("cpu") and not torch
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +67,11 @@ def test_triton_kernels_refused_where_they_cannot_run(tiny, monkeypatch):
         TargetLM(model, kernels="cuda")
     with pytest.raises(ValueError, match="kernels='triton'"):  # the old spelling of the MoE kernels
         TargetLM(model, experts="triton")
+    from model.decode import check_kernels
+
+    monkeypatch.setattr(moe_kernels, "available", lambda device: True)
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        check_kernels("triton", "cpu", Dims.of(make_config("tiny", head_dim=24)))
 
 
 # ---------------------------------------------------------------------------- kernels
