@@ -17,7 +17,7 @@ single query over ~270 cached slots. Here it is two kernels:
                 visible to the query at position p when s <= p. The loop stops at the block's
                 last position, so stale slots past a row's length are never read.
 
-Numerics follow model/decode.py's torch path: the norm's x_hat and every RoPE product rounded to
+Numerics follow model/qwen3_forward.py's torch path: the norm's x_hat and every RoPE product rounded to
 the model dtype as in bf16 torch ops; scores and softmax in fp32, P cast to the value dtype for
 the PV product (flash attention's rounding). A query's result does not depend on how many other
 tokens the step holds (fixed BLOCK_M / BLOCK_S tiling, fully masked blocks add exact zeros), so

@@ -1,6 +1,6 @@
 """Named Qwen3-MoE configs: the real ones (for shapes and benchmarks) and tiny ones (tests, demo).
 
-The tiny flavour runs the same code path as the 30B model with smaller numbers (style.md §4).
+The tiny flavour runs the same code path as the 30B model with smaller numbers.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
 
 QWEN3_VOCAB_SIZE = 151936
 
-# design.md §5; the published config.json files say the same
+# as the published config.json files
 QWEN3_30B_A3B = dict(
     hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
     num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
@@ -49,19 +49,39 @@ def make_config(name: str = "tiny", **overrides) -> Qwen3MoeConfig:
     return Qwen3MoeConfig(**kwargs)
 
 
-def build_random_target(name: str = "tiny", seed: int = 0, **overrides):
-    """A randomly initialised `Qwen3MoeForCausalLM` for tests, the CPU demo and benchmarks.
+def build_random_target(name: str = "tiny", seed: int = 0, *, device="cpu", dtype=None, std: float | None = None,
+                        unit_logits: bool = True, **overrides):
+    """A randomly initialised `Qwen3MoeForCausalLM`: the one builder of random targets (tests, the
+    CPU demo, benchmarks, the demo target's initialisation). Built in place on `device` in
+    `dtype` (fp32 by default), never as a CPU/fp32 copy first (122 GB for 30B-A3B).
 
-    The lm_head gets std 1/sqrt(hidden) instead of transformers' 0.02: with a 64-wide hidden
-    state, 0.02 makes every logit nearly 0, so no head trained against the target could express a
-    distribution and the demo's loss would sit at ln(vocab). Unit-variance logits fix that.
+    std=None: transformers' own init after `torch.manual_seed(seed)`. A float: every matrix
+    Normal(0, std) and every norm 1, from a generator on `device` seeded with `seed`.
+    unit_logits: the lm_head gets std 1/sqrt(hidden) (after either init). transformers' 0.02
+    makes every logit of a 64-wide tiny model nearly 0, so no head trained against it could
+    express a distribution and the demo's loss would sit at ln(vocab).
     """
     import torch
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
 
-    torch.manual_seed(seed)
     config = make_config(name, **overrides)
-    model = Qwen3MoeForCausalLM(config)
+    dtype = dtype or torch.float32
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen3MoeForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
     with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, config.hidden_size**-0.5)
+        if std is not None:
+            gen = torch.Generator(device=device).manual_seed(seed)
+            for p in model.parameters():
+                if p.ndim == 1:
+                    p.fill_(1.0)  # norms
+                else:
+                    p.normal_(0.0, std, generator=gen)
+        if unit_logits:
+            model.lm_head.weight.normal_(0.0, config.hidden_size**-0.5)
     return model

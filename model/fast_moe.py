@@ -3,7 +3,7 @@
     out_NH = experts_grouped(x_NH, idx_Nk, w_Nk, gate_up_E2IH, down_EHI)
     use_lean_experts(target_model)     # every Qwen3-MoE experts module of a transformers model
 
-Why: design.md §5 measured the 4 x 2048 target forward on an H200 at 214 ms of GPU time, of
+Why: the 4 x 2048 target forward of Qwen3-30B-A3B on an H200 took 214 ms of GPU time, of
 which only about 51 ms are the expert GEMMs; most of the rest is the glue around them. This path
 keeps the glue to the few passes the math needs, for M = N*k (token, slot) pairs:
 
@@ -18,7 +18,7 @@ keeps the glue to the few passes the math needs, for M = N*k (token, slot) pairs
 
 No autograd graph is wanted (the target is frozen; callers run under no_grad). Expert weights
 are transformers' fused layout: gate_up [E, 2I, H] (gate rows first), down [E, H, I]
-(design.md §2). torch's grouped_mm runs on CUDA (bf16) and on CPU (fp32 too, when row strides
+(gate rows first). torch's grouped_mm runs on CUDA (bf16) and on CPU (fp32 too, when row strides
 are multiples of 16 bytes, which the tiny test config satisfies).
 """
 

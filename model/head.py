@@ -1,4 +1,4 @@
-"""The one-layer MTP draft head for a frozen Qwen3-MoE target (design.md §2).
+"""The one-layer MTP draft head for a frozen Qwen3-MoE target (docs/architecture.md).
 
     z     = fc(cat[pre_fc_norm_embedding(embed(x_{t+1})), pre_fc_norm_hidden(h_t)])  # embedding FIRST
     y     = layers[0](z)            # one Qwen3-MoE decoder layer: own attention, full MoE MLP
@@ -12,7 +12,7 @@ splitting transformers' fused expert tensors into per-expert 2-D ones (model/exp
 
 Footguns:
 - The embedding and lm_head are NOT submodules: they are passed in at call time. Registering them
-  here would make ZeRO-3 partition (and the optimizer track) the target's weights (design.md §5).
+  here would make ZeRO-3 partition (and the optimizer track) the target's weights.
 - The decoder layer is transformers' own `Qwen3MoeDecoderLayer`, so the head computes exactly what
   SGLang's Qwen3-MoE layer computes, and grouped_mm experts apply when the config asks for them.
 """

@@ -26,7 +26,7 @@ import torch
 from model.moe_kernels import tl, triton
 
 BLOCK_M = 16  # tokens per program (tl.dot's minimum; fixed for batch invariance)
-MAX_TOKENS = 64  # decode.py: more tokens go to F.linear
+MAX_TOKENS = 64  # model/engine.py: more tokens go to F.linear
 # the fastest of `scripts/profile_decode.py --tune` on an H200 at batch 1 (and at batch 8)
 CONFIG = {
     "small": {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4},  # q/k/v (K < 4096)

@@ -1,4 +1,4 @@
-"""MTP training objective: next-next-token prediction over k recursive steps (design.md §3).
+"""MTP training objective: next-next-token prediction over k recursive steps (docs/training.md).
 
 Label shift, written once here and nowhere else. Sequences are aligned on q = 0 .. T-2:
 
@@ -36,7 +36,6 @@ from torch.utils.checkpoint import checkpoint
 
 LOSS_TYPES = ("ce", "kl", "ce+kl")
 VOCAB_IMPLS = ("fused", "checkpoint")
-VOCAB_IMPL = "fused"  # mtp_loss's choice when not given; scripts/bench_train.py flips it to time the old path
 IGNORE_INDEX = -100  # fused path: a label < 0 scores nothing and gets zero gradient
 
 
@@ -255,13 +254,12 @@ def mtp_loss(
     loss_type: str = "ce",
     kl_weight: float = 1.0,
     chunk_size: int = 4096,
-    vocab_impl: str | None = None,
+    vocab_impl: str = "fused",
 ) -> LossOutput:
     """The k-step MTP loss for one batch. `hidden_BTH` is the target's post-norm hidden state.
-    `vocab_impl`: "fused" or "checkpoint" (module docstring); None = the module's VOCAB_IMPL."""
+    `vocab_impl`: "fused" (training) or "checkpoint" (the reference; module docstring)."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    vocab_impl = VOCAB_IMPL if vocab_impl is None else vocab_impl
     if vocab_impl not in VOCAB_IMPLS:
         raise ValueError(f"vocab loss impl must be one of {VOCAB_IMPLS}, got {vocab_impl!r}")
     B, T = input_ids_BT.shape

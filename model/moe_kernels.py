@@ -1,7 +1,8 @@
 """The MoE block of a decode-sized step in Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1).
 
-    h, hn, logits = router(x_NH, attn_NH, post_norm_w, router_EH, eps)   # h = x + attn, hn = norm(h)
-    out_NH = experts(hn, logits, h, gate_up_E2IH, down_EHI, top_k, norm_topk)  # h + MoE(hn)
+    h, hn, ids, wts = router(x_NH, attn_NH, post_norm_w, router_EH, eps, top_k, norm_topk)
+        # h = x + attn, hn = norm(h), the top-k expert ids [N, k] and routing weights [N, k]
+    out_NH = experts(hn, ids, wts, h, gate_up_E2IH, down_EHI)      # h + MoE(hn)
 
 Why: profiled on an H200 (scripts/profile_decode.py, Qwen3-30B-A3B shape), the compiled torch MoE
 block of one decode layer is six kernels at batch 1: residual add + RMSNorm, the router GEMV
@@ -28,7 +29,7 @@ gathers and an un-permute around its two GEMMs. Here:
 Memory bound; fp32 accumulation; no atomics, no host syncs, shapes fixed by the inputs:
 CUDA-graph safe and deterministic. Tiles do not depend on N, so a token's result depends on its
 own inputs only: a verify step computes the same numbers as plain decoding of the same token.
-MAX_TOKENS bounds the tokens of a step (decode.py uses grouped GEMMs above it). All are torch
+MAX_TOKENS bounds the tokens of a step (the engine uses grouped GEMMs above it). All are torch
 custom ops, opaque to torch.compile (fullgraph works).
 """
 
@@ -41,10 +42,10 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: decode.py keeps its torch paths
+except ImportError:  # CPU-only installs: the engine keeps its torch paths
     triton = tl = None
 
-MAX_TOKENS = 64  # decode.py: steps of more tokens use grouped GEMMs
+MAX_TOKENS = 64  # model/engine.py: steps of more tokens use grouped GEMMs
 # tokens per tl.dot in the expert kernels, fixed so that results do not depend on N. At 16, a
 # 64-token verify step (batch 16, K = 3) streamed each expert 4 times: 37 ms against 16 ms at 64
 # (H200); a batch-1 decode step costs 3% more at 64 (docs/BENCHMARKS.md)

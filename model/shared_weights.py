@@ -21,73 +21,19 @@ Plain single-device code: no accelerate, no DeepSpeed.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeDecoderLayer
 
-from model.export import INDEX_NAME, SINGLE_WEIGHTS_NAME
+from model.safetensors_io import local_model_dir, read_tensors, weight_map
 from model.target import default_dtype, load_target_config, set_experts_implementation
 
 EMBED_NAME = "model.embed_tokens.weight"
 LM_HEAD_NAME = "lm_head.weight"
 FINAL_NORM_NAME = "model.norm.weight"
-
-
-# ------------------------------------------------------------------------------ reading
-def local_model_dir(path: str | Path) -> Path:
-    """`path` as a local model directory (a path to its config.json is accepted too)."""
-    p = Path(path)
-    if p.is_file() and p.name == "config.json":
-        p = p.parent
-    if not (p / "config.json").is_file():
-        raise ValueError(
-            f"'{path}' is not a local model directory with config.json; offline hidden states "
-            "need the target on disk (download it once and point target.path at the directory)"
-        )
-    return p
-
-
-def weight_map(model_dir: str | Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file holding it, for a single-file or indexed checkpoint."""
-    model_dir = local_model_dir(model_dir)
-    index = model_dir / INDEX_NAME
-    if index.is_file():
-        try:
-            entries = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"cannot read the weight index '{index}': {exc}") from exc
-        return {name: model_dir / file for name, file in entries.items()}
-    single = model_dir / SINGLE_WEIGHTS_NAME
-    if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
-            return {name: single for name in f.keys()}
-    raise ValueError(
-        f"'{model_dir}' has neither {INDEX_NAME} nor {SINGLE_WEIGHTS_NAME}; the target must be a "
-        "safetensors checkpoint (save it with save_pretrained)"
-    )
-
-
-def read_tensors(files: dict[str, Path], names: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Tensors `names` only, opening each file that holds one of them once."""
-    missing = [n for n in names if n not in files]
-    if missing:
-        raise ValueError(f"the target checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    by_file: dict[Path, list[str]] = {}
-    for name in names:
-        by_file.setdefault(files[name], []).append(name)
-    out: dict[str, torch.Tensor] = {}
-    for file, file_names in by_file.items():
-        if not file.is_file():
-            raise ValueError(f"the weight index maps {file_names[:3]} to '{file}', which does not exist")
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for name in file_names:
-                out[name] = f.get_tensor(name)
-    return out
 
 
 def _fuse_experts(state: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ is done by `train/`, which may hand in any module with the same attributes.
 Speed (the target forward is the largest part of an online step): on CUDA the experts of every
 layer run model/fast_moe.py's lean grouped-GEMM forward instead of transformers' (same router,
 same math, less glue); `lean_experts=False` keeps transformers' path. Two opt-ins:
-- `use_lean_layers()`: `hidden` runs model/decode.py's own layer forward (fused q/k/v GEMM and
+- `use_lean_layers()`: `hidden` runs model/qwen3_forward.py's layer forward (fused q/k/v GEMM and
   RMSNorm kernels, q/k norm and RoPE on the q and k heads together, lean experts) with no KV
   cache; costs a copy of the q/k/v weights (about 1 GB for Qwen3-30B-A3B in bf16). It ignores
   the attention mask: with right padding and causal attention, real positions are unaffected.
@@ -21,9 +21,9 @@ same math, less glue); `lean_experts=False` keeps transformers' path. Two opt-in
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -32,12 +32,40 @@ from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
 
 from model import fast_moe
+from model.qwen3_forward import Dims, LayerWeights, decoder_layer, rms_norm, rope_table
 
 SUPPORTED_MODEL_TYPES = ("qwen3_moe",)
 
 
+@runtime_checkable
+class Target(Protocol):
+    """What training asks of a frozen target. Three classes provide it: `FrozenTarget` (the whole
+    model on this device), model/shared_weights.py's `SharedTarget` (offline hidden states:
+    embedding and lm_head only) and train/partition.py's `PartitionedTarget` (decoder layers
+    split across ranks by ZeRO-3). The embedding and lm_head are shared with the head by
+    reference, never registered in it."""
+
+    config: Qwen3MoeConfig
+
+    @property
+    def embed_tokens(self) -> nn.Embedding: ...
+
+    @property
+    def lm_head(self) -> nn.Linear: ...
+
+    @property
+    def last_layer(self) -> nn.Module:
+        """The last decoder layer, for `head.init=last_layer`."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def hidden(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """Post-final-norm hidden states h_t [B, T, H] (the lm_head input), no grad."""
+
+
 def set_experts_implementation(config, device: torch.device | str) -> None:
-    """grouped_mm experts on GPU (4.6x faster than the per-expert loop, design.md §5);
+    """grouped_mm experts on GPU (4.6x faster than the per-expert loop on an H200);
     the eager loop on CPU, where grouped_mm has no fast kernel."""
     impl = "grouped_mm" if torch.device(device).type == "cuda" else "eager"
     config._experts_implementation = impl
@@ -77,7 +105,7 @@ class FrozenTarget(nn.Module):
         self.model.eval()
         self.model.requires_grad_(False)
         self._lean_layers = None  # (Dims, [LayerWeights]) while use_lean_layers is on
-        self._lean_layer_fn = None  # decode.decoder_layer, or its torch.compile'd form
+        self._lean_layer_fn = None  # qwen3_forward.decoder_layer, or its torch.compile'd form
         if lean_experts is None:
             lean_experts = model.lm_head.weight.device.type == "cuda"
         self.use_lean_experts(lean_experts)
@@ -89,32 +117,26 @@ class FrozenTarget(nn.Module):
         fast_moe.use_lean_experts(self.model, enable)
 
     def use_lean_layers(self, enable: bool = True, compile: bool = False) -> None:
-        """Opt-in: `hidden` runs decode.py's decoder-layer forward over these weights (module
+        """Opt-in: `hidden` runs qwen3_forward.py's decoder-layer forward over these weights (module
         docstring); enable=False frees its fused q/k/v copies and goes back to transformers.
         compile=True runs that layer function through torch.compile (one graph for all layers,
         the weights are its inputs; a new input shape compiles again)."""
-        from model.decode import decoder_layer
-
         self._lean_layer_fn = torch.compile(decoder_layer, dynamic=False) if enable and compile else decoder_layer
         if not enable:
             self._lean_layers = None
             return
         if self._lean_layers is not None:
             return
-        from model.decode import Dims, LayerWeights  # decode.py imports this module
-
         w = self.lm_head.weight
         layers = [LayerWeights.of(layer, w.device, w.dtype) for layer in self.model.model.layers]
         self._lean_layers = (Dims.of(self.config), layers)
 
     def _lean_hidden(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
-        from model.decode import _rope_table, rms_norm
-
         dims, layers = self._lean_layers
         w = self.lm_head.weight
         experts = "grouped_mm" if w.device.type == "cuda" else "loop"
         T = input_ids_BT.shape[1]
-        cos_TD, sin_TD = _rope_table(self.model.model.rotary_emb, T, w.device, w.dtype)
+        cos_TD, sin_TD = rope_table(self.model.model.rotary_emb, T, w.device, w.dtype)
         cos, sin = cos_TD[None, :, None], sin_TD[None, :, None]  # [1, T, 1, D]
         x_BTH = self.embed_tokens(input_ids_BT).to(w.dtype)
         for lw in layers:
@@ -203,10 +225,3 @@ class FrozenTarget(nn.Module):
         hidden_BTH = self.hidden(input_ids_BT, attention_mask_BT)
         logits_BTV = self.lm_head(hidden_BTH) if with_logits else None
         return hidden_BTH, logits_BTV
-
-
-def read_config_text(model_dir: str | Path) -> dict:
-    """The target's config.json as written by its authors (not re-serialised by transformers,
-    which renames `num_experts` to `num_local_experts`; design.md §2)."""
-    with open(Path(model_dir) / "config.json", encoding="utf-8") as f:
-        return json.load(f)

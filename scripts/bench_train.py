@@ -9,17 +9,17 @@ A Qwen3-30B-A3B-shaped target with random bf16 weights is built directly on the 
 each variant runs `--warmup` steps and reports the median of `--iters` steps at batch x seq
 tokens (default 4 x 2048), one after the other in the same process:
 
-  naive    what design.md §5 measured (272 ms): the plain transformers forward of the frozen target
+  naive    the plain transformers forward of the frozen target (272 ms measured before this project's work)
            with transformers' default experts implementation (printed), the MTP head, full fp32
            logits [B, T, V] and cross-entropy over all tokens (full-vocab KL for ce+kl), fused AdamW;
-  online_old  ours before issue 6: `train.train_mtp.loss_for_batch` with FrozenTarget.hidden on
+  online_old  ours before the fast paths: `train.train_mtp.loss_for_batch` with FrozenTarget.hidden on
            transformers' grouped_mm experts and model.loss's "checkpoint" vocabulary loss (chunks
            under activation checkpointing: the logits matmul runs again in backward), backward,
            grad clipping and the trainer's fused AdamW + scheduler (`build_optimizer`);
   online   ours now (the trainer's default): the same step with the lean experts forward of
            model/fast_moe.py in the target and the "fused" vocabulary loss (d loss / d h computed
            in the forward, two matmuls per chunk);
-  online_lean  `online` with FrozenTarget.use_lean_layers(): the target runs model/decode.py's own
+  online_lean  `online` with FrozenTarget.use_lean_layers(): the target runs model/qwen3_forward.py's
            decoder-layer forward (no KV cache), not transformers' layers;
   online_compiled  (--compile-target) `online` + FrozenTarget.compile_layers();
   offline / offline_old  `online` / `online_old`'s loss with the hidden states given in the batch
@@ -38,7 +38,7 @@ target forward, head forward+backward including the loss, optimizer (clip + Adam
 The FLOP floor counts 2 x active params x tokens (+ causal attention) for the target forward,
 3x that for the head's forward+backward per step, and 4 x H x V per scored token per step for the
 lm_head (forward + input gradient; + 2 x H x V once for ce+kl's target distribution), at
-`--peak-tflops` (801 = bf16 matmul measured on the H200, design.md §5).
+`--peak-tflops` (801 = bf16 matmul measured on the H200).
 """
 
 from __future__ import annotations
@@ -53,20 +53,18 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from model.configs import NAMED, make_config  # noqa: E402
-from model.fast_moe import use_head_experts  # noqa: E402
-from model.head import MTPHead  # noqa: E402
-import model.loss as mtp_loss_module  # noqa: E402
-from model.loss import step_weights  # noqa: E402
-from model.shared_weights import SharedTarget  # noqa: E402
-from model.target import FrozenTarget, default_dtype  # noqa: E402
-from train.config import config_from_dict  # noqa: E402
-from train.train_mtp import build_optimizer, loss_for_batch  # noqa: E402
+from model.configs import NAMED, build_random_target
+from model.fast_moe import use_head_experts
+from model.head import MTPHead
+from model.loss import step_weights
+from model.shared_weights import SharedTarget
+from model.target import FrozenTarget, default_dtype
+from train.config import config_from_dict
+from train.loop import loss_for_batch
+from train.train_mtp import build_optimizer
 
 
 def profile_step(target, head, batch, device, args, marks_ref, top: int = 25) -> None:
@@ -76,7 +74,6 @@ def profile_step(target, head, batch, device, args, marks_ref, top: int = 25) ->
 
     target.use_lean_experts(True)
     target.use_lean_layers(False)
-    mtp_loss_module.VOCAB_IMPL = "fused"
     cfg = config_from_dict({"head": {"num_steps": 1, "loss": "ce", "loss_chunk_size": args.chunk_size},
                             "train": {"lr": 1e-4, "warmup_steps": 0, "max_steps": 10**6}})
     optimizer, scheduler = build_optimizer(cfg, head, device)
@@ -166,22 +163,10 @@ def autocast(device: torch.device):
 
 # ----------------------------------------------------------------------------- building
 def build_target(name: str, device: torch.device, dtype: torch.dtype) -> tuple[FrozenTarget, str]:
-    """Random target built in place on `device` (never a CPU/fp32 copy: 122 GB for 30B).
+    """Random target built in place on `device` (transformers' init, unit-variance logits).
     Returns it and transformers' default experts implementation for this config."""
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
-
-    config = make_config(name)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Qwen3MoeForCausalLM(config)  # transformers' own init (normal_) runs on the device
-    finally:
-        torch.set_default_dtype(prev)
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, config.hidden_size**-0.5)  # unit-variance logits, as build_random_target
+    model = build_random_target(name, seed=0, device=device, dtype=dtype)
+    model.config._attn_implementation = "sdpa"
     default_impl = model.config._experts_implementation  # what from_pretrained/plain init resolves to
     return FrozenTarget(model, lean_experts=False), default_impl
 
@@ -247,11 +232,11 @@ def naive_step(target, head, optimizer, batch, device, num_steps: int, loss_type
     optimizer.zero_grad(set_to_none=True)
 
 
-def our_step(cfg, target, head, optimizer, scheduler, batch, device, marks: Marks) -> None:
+def our_step(cfg, target, head, optimizer, scheduler, batch, device, marks: Marks, vocab_impl: str = "fused") -> None:
     """The trainer's own step: loss_for_batch (target.hidden or batch["hidden"], mtp_loss), backward,
     clipping, AdamW + scheduler. target.hidden is timed through an instance wrapper."""
     with autocast(device):
-        out, _ = loss_for_batch(cfg, target, head, batch, device)
+        out, _ = loss_for_batch(cfg, target, head, batch, device, vocab_impl=vocab_impl)
     out.loss.backward()
     marks("backward_end")
     if cfg.train.grad_clip > 0:
@@ -371,7 +356,6 @@ def main(argv=None) -> int:
 
     def ours(variant, tgt, b, loss, k, ac):
         old = variant.endswith("_old")
-        mtp_loss_module.VOCAB_IMPL = "checkpoint" if old else "fused"
         if isinstance(tgt, FrozenTarget):
             tgt.use_lean_experts(not old)
             tgt.use_lean_layers(variant.startswith("online_lean"), compile=variant == "online_lean_compiled")
@@ -380,7 +364,8 @@ def main(argv=None) -> int:
         cfg = config_from_dict({"head": {"num_steps": k, "loss": loss, "loss_chunk_size": args.chunk_size},
                                 "train": {"lr": 1e-4, "warmup_steps": 0, "max_steps": 10**6}})
         optimizer, scheduler = build_optimizer(cfg, head, device)
-        step = functools.partial(our_step, cfg, tgt, head, optimizer, scheduler, b, device)
+        step = functools.partial(our_step, cfg, tgt, head, optimizer, scheduler, b, device,
+                                 vocab_impl="checkpoint" if old else "fused")
         record(variant, loss, k, guarded(run_variant, step, device, args.warmup, args.iters, marks_ref), ac)
         del optimizer, scheduler, step
         head.zero_grad(set_to_none=True)
@@ -406,7 +391,7 @@ def main(argv=None) -> int:
             target.compile_layers(enable=False)
         print(f"# online_compiled: {time.perf_counter() - t0:.0f} s including compilation")
         t0 = time.perf_counter()
-        try:  # model/decode.py's layer function (the lean layers) compiled
+        try:  # model/qwen3_forward.py's layer function (the lean layers) compiled
             for loss in losses:
                 for k in ks:
                     ours("online_lean_compiled", target, batch, loss, k, False)
@@ -433,7 +418,6 @@ def main(argv=None) -> int:
             for k in ks:
                 for variant in offline_variants:
                     ours(variant, light, offline_batch, loss, k, ac)
-    mtp_loss_module.VOCAB_IMPL = "fused"
 
     summary = summarize(results)
 
@@ -460,7 +444,7 @@ def main(argv=None) -> int:
             "config": args.config, "batch": B, "seq": T, "tokens_per_step": B * T, "mask_frac": args.mask_frac,
             "loss_chunk_size": args.chunk_size, "peak_tflops": args.peak_tflops, "warmup": args.warmup, "iters": args.iters,
             "experts_implementation": {"naive": naive_impl, "ours": "fast_moe", "online_old": ours_impl,
-                                       "online_lean": "decode.py layers + fast_moe"},
+                                       "online_lean": "qwen3_forward.py layers + fast_moe"},
             "vocab_loss": {"online": "fused", "offline": "fused", "online_old": "checkpoint", "offline_old": "checkpoint"},
             "precision": "target bf16; head fp32 weights under bf16 autocast; fused AdamW" if device.type == "cuda" else "fp32",
             "wall_s": wall, "results": results, "summary": summary,

@@ -10,12 +10,9 @@ Qwen3 chat template.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from data.tokenizer import build_qwen3_tokenizer, load_tokenizer  # noqa: E402
+from data.tokenizer import build_qwen3_tokenizer, load_tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,12 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-# run from a source checkout without `pip install -e .`
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from data.hidden_states import DEFAULT_SHARD_TOKENS, DTYPES, dump_hidden_states  # noqa: E402
+from data.hidden_dump import dump_hidden_states
+from data.hidden_states import DEFAULT_SHARD_TOKENS, DTYPES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

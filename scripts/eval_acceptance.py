@@ -1,7 +1,7 @@
 """Acceptance length and speedup of an MTP head under SGLang-style chain drafting (NEXTN, topk 1).
 
     python scripts/eval_acceptance.py --target artifacts/tiny-target --mtp runs/tiny/final \
-        --prompts ../shared/data/mt_bench_questions.jsonl --num-prompts 80 --steps 3 \
+        --prompts data/mt_bench/question.jsonl --num-prompts 80 --steps 3 \
         --max-new-tokens 256 --batch-size 8 --report eval.json --plot eval.png
 
 --mtp takes a training checkpoint dir (head.safetensors), final/, an exported draft dir or a
@@ -30,9 +30,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import torch  # noqa: E402
+import torch
 
 
 def parse_args(argv=None):
@@ -84,36 +82,14 @@ def check_args(a) -> None:
         raise SystemExit("error: --device cuda but no CUDA GPU is visible; pass --device cpu")
 
 
-def save_plot(report: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    K = report["steps"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    xs = list(range(1, K + 1))
-    cond = [x or 0.0 for x in report["per_position_acceptance"]]
-    unc = [x or 0.0 for x in report["per_position_acceptance_unconditional"]]
-    ax1.bar([x - 0.2 for x in xs], cond, width=0.4, label="given previous accepted")
-    ax1.bar([x + 0.2 for x in xs], unc, width=0.4, label="over all verify steps")
-    ax1.set(xlabel="draft position", ylabel="acceptance rate", ylim=(0, 1), xticks=xs,
-            title=f"per-position acceptance (AL {report['acceptance_length'] or 0:.2f})")
-    ax1.legend()
-    ax2.bar(list(range(1, K + 2)), report["accept_histogram"])
-    ax2.set(xlabel="tokens emitted per verify step", ylabel="verify steps", xticks=list(range(1, K + 2)),
-            title=f"K={K}, T={report['temperature']}, {report['num_prompts']} prompts")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv=None) -> int:
     a = parse_args(argv)
     check_args(a)
     from data.chat import chat_prompts
     from data.tokenizer import load_tokenizer
-    from model.decode import evaluate, format_report, load_head
+    from model.evaluate import EvalSettings, evaluate
+    from model.mtp_weights import load_head
+    from model.report import format_report, save_plot
     from model.target import FrozenTarget, default_dtype
 
     try:
@@ -124,10 +100,10 @@ def main(argv=None) -> int:
         prompts = chat_prompts(a.prompts, tokenizer, limit=a.num_prompts)
         print(f"{len(prompts)} prompts from {a.prompts}; target {a.target}; drafter {a.drafter} "
               f"{a.mtp or ''}; device {a.device}", flush=True)
-        report = evaluate(target, head, tokenizer, prompts, steps=a.steps, temperature=a.temperature,
-                          batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, seed=a.seed,
-                          device=a.device, max_len=a.max_len, drafter=a.drafter, baseline=not a.no_baseline,
-                          experts=a.experts, compile=a.compile, kernels=a.kernels)
+        settings = EvalSettings(steps=a.steps, temperature=a.temperature, batch_size=a.batch_size,
+                                max_new_tokens=a.max_new_tokens, seed=a.seed, max_len=a.max_len, drafter=a.drafter,
+                                baseline=not a.no_baseline, experts=a.experts, compile=a.compile, kernels=a.kernels)
+        report = evaluate(target, head, tokenizer, prompts, settings, device=a.device)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     report.update(target=a.target, mtp=a.mtp, prompts=a.prompts)

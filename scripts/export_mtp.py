@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-# run from a source checkout without `pip install -e .`
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.export import DEFAULT_MAX_SHARD_BYTES, DTYPES, EXPORT_INFO_NAME, export_mtp, verify_export  # noqa: E402
-from model.target import load_target_config  # noqa: E402
+from model.export import DEFAULT_MAX_SHARD_BYTES, DTYPES, EXPORT_INFO_NAME, export_mtp
+from model.mtp_weights import verify_export
+from model.target import load_target_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -15,9 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
+
 from data.tokenizer import build_qwen3_tokenizer
 from model.configs import NAMED, build_random_target
 

@@ -10,13 +10,10 @@ the first N for evaluation and train on the rest).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from data.sharegpt import write_sharegpt_jsonl  # noqa: E402
+from data.sharegpt import write_sharegpt_jsonl
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Where a decode step's GPU time goes: a per-kernel table of model/decode.py's plain decode step.
+"""Where a decode step's GPU time goes: a per-kernel table of the engine's (model/engine.py) plain decode step.
 
     # one H200, Qwen3-30B-A3B shape, random bf16 weights (about 3 minutes with compiling)
     python scripts/profile_decode.py --batch-sizes 1,8 --modes compiled:triton --out /tmp/profile.json
@@ -27,22 +27,13 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from model.configs import NAMED  # noqa: E402
-from model import attn_kernels, linear_kernels, moe_kernels  # noqa: E402
-from model.decode import Dims, Engine, LayerWeights, TargetLM  # noqa: E402
-from scripts.bench_decode import (  # noqa: E402
-    build_head,
-    build_target,
-    hbm_floor_ms,
-    kernels_check,
-    log,
-    lossless_check,
-    time_steps,
-)
+from model import attn_kernels, linear_kernels, moe_kernels
+from model.configs import NAMED
+from model.decode_bench import build_head, build_target, hbm_floor_ms, kernels_check, log, lossless_check, time_steps
+from model.engine import Engine, TargetLM, capture_graph
+from model.qwen3_forward import Dims, LayerWeights
 
 
 def parse_args(argv=None):
@@ -87,8 +78,6 @@ CONFIGS = {"gate_up": moe_kernels.CONFIG, "down": moe_kernels.CONFIG, "combine":
 
 def graph_ms(fn, reps: int = 20) -> float:
     """ms per replay of a CUDA graph of fn()."""
-    from model.decode import capture_graph
-
     g = capture_graph(fn)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     g.replay()

@@ -1,4 +1,5 @@
-"""Shared pytest fixtures. Data fixtures below; other fixtures may be added by others."""
+"""Shared pytest fixtures: the offline Qwen3 tokenizer, tiny random targets (in memory and on
+disk), real ShareGPT chats, and the one-thread setting. Plain helpers are in helpers.py."""
 
 from __future__ import annotations
 
@@ -30,6 +31,25 @@ def tiny_target_dir(qwen3_tokenizer, tmp_path_factory):
     build_random_target("tiny", seed=0).save_pretrained(str(out))
     qwen3_tokenizer.save_pretrained(str(out))
     return out
+
+
+SMALL_VOCAB = 512  # tiny_model's vocabulary: ids 0 (bos) and 1 (eos), the rest ordinary tokens
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """(config, model, prompts): a tiny random Qwen3-MoE with a 512-token vocabulary, fp32, eval
+    mode, transformers' eager experts, and five random prompts (5, 11, 3, 8 and 14 tokens) drawn
+    right after its init. One per test module, so a module may move or modify it."""
+    import torch
+
+    from model.configs import build_random_target
+
+    model = build_random_target("tiny", seed=0, unit_logits=False, vocab_size=SMALL_VOCAB, bos_token_id=0,
+                                eos_token_id=1)
+    model.config._experts_implementation = "eager"
+    prompts = [torch.randint(2, SMALL_VOCAB, (n,)).tolist() for n in (5, 11, 3, 8, 14)]
+    return model.config, model.eval(), prompts
 
 
 @pytest.fixture(scope="session")

@@ -13,20 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from data.chat import (
-    BadRow,
-    SkipReport,
-    build_chat_dataset,
-    chat_prompts,
-    load_chat_rows,
-    normalize_messages,
-    tokenize_messages,
-)
+from data.chat import build_chat_dataset, chat_prompts, tokenize_messages
+from data.rows import BadRow, SkipReport, normalize_messages
+from data.sources import load_chat_rows
 from data.collate import BucketBatchSampler, collate_batch
 from data.sharegpt import iter_json_array_records, package_sharegpt_path, write_sharegpt_jsonl
 
 # the workplace's shared/ folder sits beside the checkout (and beside CI's fresh clone)
-MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench_questions.jsonl"
+from data.sources import MT_BENCH_PATH as MT_BENCH
 
 # One conversation in both formats; contents carry multi-byte characters on purpose (byte-level
 # BPE splits them into several tokens that share one character offset).
@@ -108,7 +102,7 @@ def test_package_sharegpt_keeps_complete_records_only():
         first = list(itertools.islice(records, 20))
         assert all(isinstance(r["conversations"], list) and r["id"] for r in first)
         n = 20 + sum(1 for _ in records)  # the full 125 MB pass takes about a second
-    assert 17_600 < n < 17_700  # design.md: about 17,672 complete conversations
+    assert 17_600 < n < 17_700  # about 17,672 complete conversations precede the cut
     assert not records.complete and records.unparsed_bytes > 0
 
 
@@ -258,9 +252,8 @@ def test_sharegpt_package_source(qwen3_tokenizer, tmp_path, monkeypatch):
 
 def test_chat_prompts(qwen3_tokenizer, tmp_path):
     tok = qwen3_tokenizer
-    if not MT_BENCH.exists():
-        pytest.skip(f"{MT_BENCH} not present")
-    prompts = chat_prompts(str(MT_BENCH), tok)
+    prompts = chat_prompts(str(MT_BENCH), tok)  # shipped in data/mt_bench/, also named "mt-bench"
+    assert [p["prompt_ids"] for p in chat_prompts("mt-bench", tok, limit=3)] == [p["prompt_ids"] for p in prompts[:3]]
     assert len(prompts) == 80
     assert (prompts[0]["id"], prompts[0]["category"]) == (81, "writing")
     text = tok.decode(prompts[0]["prompt_ids"])

@@ -1,25 +1,17 @@
-"""The speculative decoding engine (model/decode.py) on CPU: acceptance rule, stub-model loops,
+"""The speculative decoding engine (model/engine.py, drafters.py, acceptance.py, evaluate.py) on CPU: acceptance rule, stub-model loops,
 lossless greedy decoding on a tiny Qwen3-MoE, speculative sampling's distribution, and our
 forward against transformers'."""
 
 import pytest
 import torch
-from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
 
-from model.configs import make_config
-from model.decode import (
-    Engine,
-    MTPDrafter,
-    MTPHeadLM,
-    TargetLM,
-    acceptance_stats,
-    evaluate,
-    verify_drafts,
-)
+from model.acceptance import acceptance_stats, verify_drafts
+from model.drafters import MTPDrafter, NGramDrafter
+from model.engine import Engine, MTPHeadLM, TargetLM
+from model.evaluate import EvalSettings, evaluate
 from model.head import MTPHead
-from model.ngram import NGramDrafter
 
-V = 512
+V = 512  # conftest.SMALL_VOCAB
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -189,13 +181,8 @@ def test_stub_loop_eos_and_padding_rows():
 
 # ---------------------------------------------------------- tiny Qwen3-MoE, lossless
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    cfg = make_config("tiny", vocab_size=V, bos_token_id=0, eos_token_id=1)
-    cfg._experts_implementation = "eager"
-    model = Qwen3MoeForCausalLM(cfg).float().eval()
-    prompts = [torch.randint(2, V, (n,)).tolist() for n in (5, 11, 3, 8, 14)]
-    return cfg, model, prompts
+def tiny(tiny_model):
+    return tiny_model
 
 
 def plain_outputs(model, prompts, max_new, eos_ids=()):
@@ -279,15 +266,16 @@ def test_evaluate_report_on_tiny(tiny):
     head = MTPHead(cfg)
     head.init_from_target_layer(model.model.layers[-1], seed=1)
     rows = [{"prompt_ids": p, "category": "ab"[i % 2], "id": f"q{i}"} for i, p in enumerate(prompts)]
-    rep = evaluate(model, head, None, rows, steps=2, batch_size=2, max_new_tokens=6, eos_ids=[], progress=False)
+    rep = evaluate(model, head, None, rows, EvalSettings(steps=2, batch_size=2, max_new_tokens=6), eos_ids=[],
+                   progress=False)
     assert rep["lossless"] is True and rep["lossless_mismatches"] == 0
     assert rep["generated_tokens"] == 5 * 6 and rep["num_prompts"] == 5
     assert sum(rep["accept_histogram"]) == rep["verify_steps"] == sum(r["verify_steps"] for r in rep["per_prompt"])
     assert set(rep["per_category"]) == {"a", "b"} and [r["id"] for r in rep["per_prompt"]] == [r["id"] for r in rows]
     with pytest.raises(ValueError, match="max-len"):
-        evaluate(model, head, None, rows, steps=2, max_new_tokens=6, max_len=12, progress=False)
+        evaluate(model, head, None, rows, EvalSettings(steps=2, max_new_tokens=6, max_len=12), progress=False)
     with pytest.raises(ValueError, match="steps"):
-        evaluate(model, head, None, rows, steps=0, progress=False)
+        evaluate(model, head, None, rows, EvalSettings(steps=0), progress=False)
 
 
 def test_ngram_drafter(tiny):

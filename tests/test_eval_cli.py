@@ -15,9 +15,9 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
 from model.configs import make_config
 from model.head import MTPHead
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import eval_acceptance  # noqa: E402
+from helpers import ROOT, load_script
+
+eval_acceptance = load_script("eval_acceptance")
 
 REPORT_FIELDS = {
     "acceptance_length", "per_position_acceptance", "per_position_acceptance_unconditional",
@@ -27,12 +27,7 @@ REPORT_FIELDS = {
 PROMPT_FIELDS = {"num_prompt_tokens", "output_token_ids", "verify_steps", "acceptance_length", "category"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than they save
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def write_head(cfg, path: Path, seed=0):
@@ -111,8 +106,7 @@ def test_cli_bad_input(files, case, match):
 
 def test_bench_decode_cpu_smoke(tmp_path):
     """scripts/bench_decode.py end to end on the tiny config (the GPU run uses the same code)."""
-    import bench_decode
-
+    bench_decode = load_script("bench_decode")
     out = tmp_path / "bench.json"
     rc = bench_decode.main(["--config", "tiny", "--device", "cpu", "--batch-sizes", "1,2", "--ks", "1,2",
                             "--ctx", "8", "--iters", "2", "--hf-tokens", "3", "--out", str(out)])
@@ -128,8 +122,7 @@ def test_bench_decode_cpu_smoke(tmp_path):
 
 def test_profile_decode_cpu_smoke(tmp_path):
     """scripts/profile_decode.py runs on the tiny config and writes its per-(mode, batch) rows."""
-    import profile_decode
-
+    profile_decode = load_script("profile_decode")
     out = tmp_path / "profile.json"
     assert profile_decode.main(["--config", "tiny", "--device", "cpu", "--batch-sizes", "1", "--modes", "eager:torch:loop",
                                 "--ctx", "8", "--iters", "2", "--profile-steps", "1", "--out", str(out)]) == 0

@@ -1,4 +1,4 @@
-"""Export / load of MTP weights (model/export.py, scripts/export_mtp.py). CPU, no downloads.
+"""Export / load of MTP weights (model/mtp_weights.py, model/export.py, scripts/export_mtp.py). CPU, no downloads.
 
     python -m pytest tests/test_export.py -q
 
@@ -9,7 +9,6 @@ Targets are tiny Qwen3-MoE models saved with `save_pretrained`; training checkpo
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 import subprocess
@@ -22,24 +21,23 @@ import yaml
 from safetensors.torch import save_file
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
 
+from helpers import load_script
+
 from model.configs import make_config
-from model.export import (
-    EXPORT_INFO_NAME,
+from model.export import EXPORT_INFO_NAME, MERGED_MTP_NAME, export_mtp
+from model.mtp_weights import (
     HEAD_WEIGHTS_NAME,
-    INDEX_NAME,
-    MERGED_MTP_NAME,
     RUN_CONFIG_NAME,
-    SINGLE_WEIGHTS_NAME,
     ExportError,
     check_mtp_tensors,
     expected_mtp_tensors,
-    export_mtp,
     head_to_mtp,
     load_into_head,
     load_mtp_state,
     mtp_to_head,
     num_experts,
 )
+from model.safetensors_io import INDEX_NAME, SINGLE_WEIGHTS_NAME
 from model.head import MTPHead
 from model.target import load_target_config, set_experts_implementation
 
@@ -141,7 +139,7 @@ def draft(tmp_path_factory, checkpoint, target):
 
 
 # ------------------------------------------------------------------ 1. expected set from config
-# design.md §2, Qwen3-30B-A3B: H=2048, 32 q / 4 kv heads of 128, E=128, I=768
+# docs/export.md's table, Qwen3-30B-A3B: H=2048, 32 q / 4 kv heads of 128, E=128, I=768
 DESIGN_30B = {
     "mtp.fc.weight": (2048, 4096),
     "mtp.pre_fc_norm_embedding.weight": (2048,),
@@ -557,9 +555,7 @@ def test_cli_prints_the_sglang_command(tmp_path, checkpoint, target):
 
 def test_cli_errors_are_one_line_messages(tmp_path, checkpoint, target):
     # in-process: a second interpreter start costs ~10 s of imports
-    spec = importlib.util.spec_from_file_location("export_mtp_cli", REPO / "scripts" / "export_mtp.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("export_mtp")
     out = tmp_path / "out"
     (out / "sub").mkdir(parents=True)
     with pytest.raises(SystemExit, match="error: .*pass --force"):
@@ -572,9 +568,6 @@ def test_check_cli_verifies_an_export_and_refuses_a_checkpoint(tmp_path):
     import sys as _sys
 
     from model.configs import build_random_target
-    from model.head import MTPHead
-    from model.export import export_mtp
-    from safetensors.torch import save_file
 
     model = build_random_target("tiny", vocab_size=512, bos_token_id=0, eos_token_id=1)
     target = tmp_path / "target"

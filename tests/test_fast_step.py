@@ -8,7 +8,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
+from helpers import load_script
 
 from model import fast_moe
 from model.configs import build_random_target, make_config
@@ -60,11 +60,9 @@ def test_fused_vocab_loss_equals_full_logits(loss_type, chunk):
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    cfg = make_config("tiny", vocab_size=V, bos_token_id=0, eos_token_id=1)
-    target = FrozenTarget(Qwen3MoeForCausalLM(cfg).float())
-    return cfg, target
+def tiny(tiny_model):
+    cfg, model, _ = tiny_model
+    return cfg, FrozenTarget(model)
 
 
 def _loss_and_grads(cfg, target, ids, hidden, mask, **kwargs):
@@ -193,14 +191,9 @@ def test_lean_target_forward_equals_transformers(norm_topk_prob):
 def test_bench_train_cpu_smoke(tmp_path):
     """scripts/bench_train.py end to end on the tiny config: every variant runs and the JSON
     keeps its keys (the GPU run uses the same code)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import json
 
-    import bench_train
-
+    bench_train = load_script("bench_train")
     out = tmp_path / "bench.json"
     rc = bench_train.main(["--config", "tiny", "--device", "cpu", "--batch", "2", "--seq", "32", "--warmup", "0",
                            "--iters", "1", "--losses", "ce+kl", "--steps", "2", "--out", str(out)])
@@ -216,9 +209,6 @@ def test_bench_train_cpu_smoke(tmp_path):
         assert set(s["peak_gib"]) == variants and s["online_over_naive"] > 0
     for key in ("gpu", "date", "torch", "transformers"):
         assert key in res
-    import model.loss
-
-    assert model.loss.VOCAB_IMPL == "fused"  # the benchmark restores the default
 
 
 # ------------------------------------------------------------------ on a GPU (skipped on CPU)
@@ -258,7 +248,7 @@ def test_gpu_lean_target_and_fused_loss_match_old_paths():
 
 
 def test_lean_layers_hidden_equals_transformers():
-    """FrozenTarget.use_lean_layers: decode.py's layer forward without a KV cache; right padding
+    """FrozenTarget.use_lean_layers: qwen3_forward.py's layer forward without a KV cache; right padding
     changes only the padded positions."""
     model = build_random_target("tiny", seed=0, vocab_size=V, bos_token_id=0, eos_token_id=1).float()
     target = FrozenTarget(model)

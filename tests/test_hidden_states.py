@@ -19,13 +19,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from data.hidden_states import (
-    MANIFEST_NAME,
-    HiddenStateStore,
-    collate_hidden_states,
-    dump_hidden_states,
-    input_ids_sha256,
-)
+from data.fingerprints import input_ids_sha256
+from data.hidden_dump import dump_hidden_states
+from data.hidden_states import MANIFEST_NAME, HiddenStateStore, collate_hidden_states
 from model.shared_weights import load_shared_weights
 from model.target import FrozenTarget
 

@@ -7,12 +7,13 @@ and the engine must refuse kernels="triton"."""
 
 import pytest
 import torch
-from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
 
 from model import moe_kernels
 from model.configs import make_config
-from model.decode import Dims, Engine, LayerWeights, MTPDrafter, MTPHeadLM, TargetLM, _attention, _experts_loop
+from model.drafters import MTPDrafter
+from model.engine import Engine, MTPHeadLM, TargetLM, check_kernels
 from model.head import MTPHead
+from model.qwen3_forward import Dims, LayerWeights, _experts_loop, attention, rope_table, step_mask
 
 V = 512
 needs_triton = pytest.mark.skipif(not moe_kernels.available("cpu") and not torch.cuda.is_available(),
@@ -24,13 +25,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    cfg = make_config("tiny", vocab_size=V, bos_token_id=0, eos_token_id=1)
-    cfg._experts_implementation = "eager"
-    model = Qwen3MoeForCausalLM(cfg).float().eval().to(DEV)
-    prompts = [torch.randint(2, V, (n,)).tolist() for n in (5, 11, 3)]
-    return cfg, model, prompts
+def tiny(tiny_model):
+    cfg, model, prompts = tiny_model
+    return cfg, model.to(DEV), prompts[:3]
 
 
 def moe_weights(gen, H=100, I=48, E=8):
@@ -67,8 +64,6 @@ def test_triton_kernels_refused_where_they_cannot_run(tiny, monkeypatch):
         TargetLM(model, kernels="cuda")
     with pytest.raises(ValueError, match="kernels='triton'"):  # the old spelling of the MoE kernels
         TargetLM(model, experts="triton")
-    from model.decode import check_kernels
-
     monkeypatch.setattr(moe_kernels, "available", lambda device: True)
     with pytest.raises(ValueError, match="power-of-two head_dim"):
         check_kernels("triton", "cpu", Dims.of(make_config("tiny", head_dim=24)))
@@ -122,11 +117,10 @@ def test_linear_kernel_matches_f_linear_and_is_batch_invariant():
 
 @needs_triton
 def test_attention_kernels_match_torch_path_and_are_batch_invariant(tiny):
-    """q/k norm + RoPE + cache write + attention against decode.py's SDPA path, on a cache
+    """q/k norm + RoPE + cache write + attention against qwen3_forward.py's SDPA path, on a cache
     with stale entries past each row's length; a row's result is the same whether the step
     holds 1 or 4 of its tokens."""
     from model import attn_kernels
-    from model.decode import _rope_table, _step_mask
 
     cfg, model, _ = tiny
     d = Dims.of(cfg)
@@ -137,10 +131,10 @@ def test_attention_kernels_match_torch_path_and_are_batch_invariant(tiny):
     ref_cache = cache.clone()
     x = torch.randn(B, T, cfg.hidden_size, generator=gen).to(DEV)
     pos = torch.tensor([[5], [17], [0]], device=DEV) + torch.arange(T, device=DEV)
-    cos, sin = _rope_table(model.model.rotary_emb, S, DEV, torch.float32)
-    mask = _step_mask(pos, S, d.n_heads // d.n_kv, torch.float32)
+    cos, sin = rope_table(model.model.rotary_emb, S, DEV, torch.float32)
+    mask = step_mask(pos, S, d.n_heads // d.n_kv, torch.float32)
     bidx = torch.arange(B, device=DEV)[:, None].expand(B, T)
-    want = _attention(x, lw, d, ref_cache, cos[pos].unsqueeze(2), sin[pos].unsqueeze(2), mask, bidx, pos)
+    want = attention(x, lw, d, ref_cache, cos[pos].unsqueeze(2), sin[pos].unsqueeze(2), mask, bidx, pos)
     qkv = torch.nn.functional.linear(x, lw.qkv)
     q = attn_kernels.qk_prep(qkv, lw.qk_norm, cos, sin, cache, pos, d.eps, d.n_heads, d.n_kv)
     got = torch.nn.functional.linear(attn_kernels.decode_attention(q, cache, pos, d.n_kv), lw.o)

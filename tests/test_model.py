@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
 
 from model.configs import make_config
 from model.head import MTPHead, head_param_shapes
@@ -16,17 +15,16 @@ V = 512
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    cfg = make_config("tiny", vocab_size=V, bos_token_id=0, eos_token_id=1)
-    target = FrozenTarget(Qwen3MoeForCausalLM(cfg).float())
+def tiny(tiny_model):
+    cfg, model, _ = tiny_model
+    target = FrozenTarget(model)
     head = MTPHead(cfg)
     head.init_random(seed=1)
     return cfg, target, head
 
 
 def expected_head_shapes(cfg):
-    """design.md §2's table with the `mtp.` prefix removed and the experts in transformers'
+    """The exported-name table (docs/export.md) with the `mtp.` prefix removed and the experts in transformers'
     fused layout (the exporter splits them per expert)."""
     H, D = cfg.hidden_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * D, cfg.num_key_value_heads * D

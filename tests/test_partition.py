@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train import LAUNCH, ROOT, TRAIN, base_overrides, run, train_records
+from helpers import LAUNCH, ROOT, TRAIN, base_overrides, run, train_records
 
 
 def launch(target, chats, out, partition: str):

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+from helpers import ROOT
 
-from model.diversity import diversity_stats, ends_in_loop, loop_period  # noqa: E402
+from data.regenerate import regenerate
+from model.diversity import diversity_stats, ends_in_loop, loop_period
 
 SHAREGPT = {"id": "sg1", "source": "test", "conversations": [
     {"from": "system", "value": "  Be brief.  "},
@@ -35,8 +34,6 @@ BAD = [
 
 
 def _regen(target_dir, tok, rows, **kw):
-    from regenerate_data import regenerate
-
     args = dict(max_new_tokens=6, batch_size=2, max_len=256, device="cpu", tokenizer=tok, progress=False)
     args.update(kw)
     return regenerate(str(target_dir), rows, **args)

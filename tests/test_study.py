@@ -4,12 +4,12 @@ two heads, the evaluator and the n-gram baseline, and the results file the GPU r
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-MT_BENCH = ROOT.parent / "shared" / "data" / "mt_bench_questions.jsonl"
+from helpers import ROOT, load_script
+
+MT_BENCH = ROOT / "data" / "mt_bench" / "question.jsonl"
 
 
 @pytest.mark.slow
@@ -50,8 +50,7 @@ def test_acceptance_study_smoke(tmp_path):
 
 
 def test_study_refuses_a_missing_mt_bench_file(tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import acceptance_study
+    acceptance_study = load_script("acceptance_study")
 
     with pytest.raises(SystemExit):
         acceptance_study.parse_args(["--phase", "eval", "--mt-bench", str(tmp_path / "nope.jsonl")])

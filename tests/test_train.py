@@ -8,10 +8,8 @@ runs it; the tiny target and 24 real ShareGPT chats come from fixtures in confte
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,44 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parent.parent
-TRAIN = [sys.executable, str(ROOT / "train" / "train_mtp.py"), "--config", str(ROOT / "configs" / "tiny.yaml")]
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
-
-
-def env():
-    e = dict(os.environ)
-    e.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-             WANDB_MODE="offline", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    e.pop("WANDB_API_KEY", None)
-    return e
-
-
-def base_overrides(target, chats, out, **extra):
-    o = {
-        "target.path": target, "data.train": chats, "data.limit": "null", "data.holdout": 0,
-        "data.max_length": 64, "train.output_dir": out, "train.micro_batch_size": 2,
-        "train.max_steps": 8, "train.lr": 1e-2, "train.warmup_steps": 2, "train.log_every": 1,
-        "train.save_every": 0, "head.loss_chunk_size": 0, "head.num_steps": 2,
-        "eval.enabled": "false", "export.enabled": "false",
-    }
-    o.update(extra)
-    return [f"{k}={v}" for k, v in o.items()]
-
-
-def run(cmd, timeout=600, check=True):
-    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\nSTDOUT:\n{p.stdout[-4000:]}\nSTDERR:\n{p.stderr[-6000:]}")
-    return p
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
-
-
-def train_records(out: Path) -> list[dict]:
-    return [r for r in metrics(out) if r.get("kind", "train") == "train"]
+from helpers import LAUNCH, ROOT, TRAIN, base_overrides, env, run, train_records
 
 
 def mean(xs):
@@ -142,7 +103,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny_target_dir, chat_jsonl, t
     assert 4 <= stop_step < 12
 
     p = run(TRAIN + base_overrides(tiny_target_dir, chat_jsonl, out, **extra, **{"train.resume": "auto"}))
-    assert f"resumed from" in p.stdout + p.stderr
+    assert "resumed from" in p.stdout + p.stderr
     a, b = train_records(ref), train_records(out)
     assert [r["step"] for r in b] == [r["step"] for r in a]
     for ra, rb in zip(a, b):

@@ -28,7 +28,7 @@ def env_world_size() -> int:
 
 def pick_device() -> torch.device:
     """cuda:<local rank> when a GPU is visible, else CPU. Decided before the Accelerator exists
-    because the target must be loaded first (ZeRO-3 would partition it otherwise, design.md §5)."""
+    because the target must be loaded first (ZeRO-3 would partition it otherwise)."""
     if torch.cuda.is_available():
         return torch.device("cuda", env_local_rank())
     return torch.device("cpu")

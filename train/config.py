@@ -39,7 +39,7 @@ class TargetConfig:
 @dataclass
 class HeadConfig:
     init: str = "last_layer"  # last_layer | random | PATH to MTP weights (export dir, checkpoint)
-    num_steps: int = 1  # k recursive steps trained (design.md §3)
+    num_steps: int = 1  # k recursive steps trained (docs/training.md)
     step_decay: float = 0.6  # step j weight ~ step_decay**(j-1), normalised (FastMTP)
     loss: str = "ce"  # ce | kl | ce+kl
     kl_weight: float = 1.0

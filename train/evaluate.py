@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 
 from data.chat import chat_prompts
-from model.decode import evaluate, format_report, load_head
+from model.evaluate import EvalSettings, evaluate
+from model.mtp_weights import load_head
+from model.report import format_report
 
 
 def heldout_prompts(heldout_ds, limit: int) -> list[dict]:
@@ -43,10 +45,9 @@ def run_eval(cfg, target, tokenizer, head_dir: Path, heldout_ds, report_path: Pa
         prompts = heldout_prompts(heldout_ds, cfg.eval.num_prompts)
     device = target.device
     head = load_head(head_dir, target.config, device, target.lm_head.weight.dtype)
-    report = evaluate(
-        target, head, tokenizer, prompts, steps=cfg.eval.steps, temperature=cfg.eval.temperature,
-        batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.train.seed,
-    )
+    settings = EvalSettings(steps=cfg.eval.steps, temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
+                            max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.train.seed)
+    report = evaluate(target, head, tokenizer, prompts, settings)
     report_path = Path(report_path)
     report["head"] = str(head_dir)
     report_path.write_text(json.dumps(report, indent=2))

