@@ -10,12 +10,14 @@ What changes and what does not:
 - rows keep their format and every other field: ShareGPT rows stay {"conversations": [{"from",
   "value"}]}, OpenAI rows stay {"messages": [{"role", "content"}]}; user and system turns are
   copied unchanged (the same objects, byte for byte); an assistant turn keeps its keys except
-  its content (now a plain string) and `reasoning_content` (dropped: decoding runs with
-  thinking off);
+  its content (now a plain string, exactly as generated) and `reasoning_content` (the new
+  reasoning when the target thinks, else dropped);
 - assistant turn r is regenerated from the conversation so far: the original user/system turns
-  and the REGENERATED assistant turns before it, rendered as training renders the conversation
-  (data/chat.py): the last regenerated turn gets the empty <think></think> block
-  (enable_thinking=False), earlier ones do not;
+  and the REGENERATED assistant turns before it, rendered as a chat server renders the request
+  (data/chat.py `render_prompt`: contents unchanged, `--thinking` as enable_thinking, None = the
+  template's default) and sampled with `--temperature/--top-p/--top-k/--min-p` as SGLang's
+  sampler does (model/acceptance.py); a thinking answer is split at `</think>` into
+  reasoning_content and content, as SGLang's qwen3 reasoning parser does;
 - turns are regenerated round by round across the whole dataset (all first turns, then all second
   turns, ...), each round in batches sorted by prompt length, on model/engine.py's Engine
   (plain decoding, no drafter);
@@ -39,8 +41,10 @@ from pathlib import Path
 
 import torch
 
+from data.chat import render_prompt as render_messages
 from data.rows import BadRow, SkipReport, normalize_turns, parse_row
 from data.tokenizer import load_tokenizer
+from model.acceptance import SamplingParams
 from model.atomic import atomic_file
 from model.engine import Engine, TargetLM
 from model.evaluate import eos_token_ids
@@ -61,7 +65,8 @@ class Conversation:
     assistant_at: list[int]  # message positions of assistant turns still to regenerate (<= max_turns)
     done: int = 0  # assistant turns regenerated
     cut: str | None = None  # why the conversation stopped early (None: it did not)
-    new_text: dict[int, str] = field(default_factory=dict)  # message position -> regenerated text
+    new_text: dict[int, str] = field(default_factory=dict)  # message position -> regenerated content
+    new_reasoning: dict[int, str] = field(default_factory=dict)  # message position -> its reasoning, if any
 
 
 def plan_row(index: int, row, max_turns: int | None) -> Conversation:
@@ -80,17 +85,20 @@ def prompt_messages(conv: Conversation) -> list[dict]:
     for m, msg in enumerate(conv.messages[:upto]):
         if msg["role"] == "assistant":
             msg = {"role": "assistant", "content": conv.new_text[m]}
+            if m in conv.new_reasoning:
+                msg["reasoning_content"] = conv.new_reasoning[m]
         out.append(msg)
     return out
 
 
-def render_prompt(tokenizer, conv: Conversation) -> list[int]:
-    # Training (data/chat.py) renders the LAST assistant turn after an empty <think></think>
-    # block and earlier ones without it; generate each turn after the header training will put there.
-    last = conv.done == len(conv.assistant_at) - 1
-    text = tokenizer.apply_chat_template(prompt_messages(conv), tokenize=False, add_generation_prompt=True,
-                                         **({"enable_thinking": False} if last else {}))
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """(reasoning, content) of a generated answer, split at `</think>` as SGLang's qwen3 reasoning
+    parser does: the reasoning without its tags and surrounding newlines, the content as it
+    follows. No `</think>`: no reasoning, the whole text is the content."""
+    if "</think>" not in text:
+        return None, text
+    reasoning, content = text.split("</think>", 1)
+    return reasoning.replace("<think>", "", 1).strip("\n"), content
 
 
 def output_row(conv: Conversation) -> dict:
@@ -98,6 +106,7 @@ def output_row(conv: Conversation) -> dict:
     turn when the conversation stopped early."""
     turns = conv.row[conv.turns_key]
     regenerated = {conv.turn_of[m]: text for m, text in conv.new_text.items()}
+    reasoning = {conv.turn_of[m]: text for m, text in conv.new_reasoning.items()}
     end = len(turns)
     if conv.cut is not None:  # drop everything after the last regenerated assistant turn
         end = max(regenerated) + 1
@@ -106,15 +115,20 @@ def output_row(conv: Conversation) -> dict:
         if i in regenerated:
             turn = {k: v for k, v in turn.items() if k != "reasoning_content"}
             turn[conv.content_key] = regenerated[i]
+            if reasoning.get(i):
+                turn["reasoning_content"] = reasoning[i]
         new_turns.append(turn)
     return {**conv.row, conv.turns_key: new_turns}
 
 
 # ----------------------------------------------------------------------------- regeneration
-def regenerate(target_dir: str, rows_raw: list[str], *, max_new_tokens: int = 256, temperature: float = 0.0,
-               batch_size: int = 64, max_len: int = 2048, max_turns: int | None = None, device: str = "cpu",
-               seed: int = 0, tokenizer=None, progress: bool = True) -> tuple[list[dict], dict]:
-    """Regenerate every usable row of `rows_raw` (JSON strings); (output rows, report dict)."""
+def regenerate(target_dir: str, rows_raw: list[str], *, max_new_tokens: int = 256,
+               sampling: SamplingParams = SamplingParams(), thinking: bool | None = None, batch_size: int = 64,
+               max_len: int = 2048, max_turns: int | None = None, device: str = "cpu", seed: int = 0,
+               tokenizer=None, progress: bool = True) -> tuple[list[dict], dict]:
+    """Regenerate every usable row of `rows_raw` (JSON strings); (output rows, report dict).
+    `sampling`: how each answer is sampled (greedy by default); `thinking`: enable_thinking of the
+    chat template (None = its default)."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -132,7 +146,7 @@ def regenerate(target_dir: str, rows_raw: list[str], *, max_new_tokens: int = 25
     tlm = TargetLM(target)
     eos = eos_token_ids(tlm.config, tokenizer)
     engine = Engine(tlm, None, batch_size=batch_size, max_len=max_len, max_new_tokens=max_new_tokens,
-                    steps=1, temperature=temperature, eos_ids=eos)
+                    steps=1, sampling=sampling, eos_ids=eos)
     torch.manual_seed(seed)
     cuts, generated, turns_done = Counter(), 0, 0
     bar = tqdm(total=sum(len(c.assistant_at) for c in convs), desc="regenerate", unit="turn", disable=not progress)
@@ -142,7 +156,7 @@ def regenerate(target_dir: str, rows_raw: list[str], *, max_new_tokens: int = 25
             break
         work = []
         for c in pending:
-            ids = render_prompt(tokenizer, c)
+            ids = render_messages(tokenizer, prompt_messages(c), thinking)
             if len(ids) + max_new_tokens + 2 > max_len:  # the engine's room: max_new + K(1) + 1
                 c.cut = "too_long"
                 bar.update(len(c.assistant_at) - c.done)
@@ -155,12 +169,14 @@ def regenerate(target_dir: str, rows_raw: list[str], *, max_new_tokens: int = 25
             for (c, _), r in zip(batch, out.rows):
                 ids = r.output_ids[:-1] if r.output_ids and r.output_ids[-1] in eos else r.output_ids
                 generated += len(r.output_ids)
-                text = tokenizer.decode(ids, skip_special_tokens=False).strip()
-                if not text:
+                reasoning, text = split_reasoning(tokenizer.decode(ids, skip_special_tokens=False))
+                if not text.strip():
                     c.cut = "empty_output"
                     bar.update(len(c.assistant_at) - c.done)
                     continue
                 c.new_text[c.assistant_at[c.done]] = text
+                if reasoning is not None and thinking is not False:
+                    c.new_reasoning[c.assistant_at[c.done]] = reasoning
                 c.done += 1
                 turns_done += 1
                 bar.update(1)
@@ -181,9 +197,9 @@ def regenerate(target_dir: str, rows_raw: list[str], *, max_new_tokens: int = 25
     report = {"rows": skips.as_dict(), "summary": skips.summary(), "turns_regenerated": turns_done,
               "conversations_cut": dict(cuts), "generated_tokens": generated, "seconds": seconds,
               "tokens_per_s": generated / seconds if seconds > 0 else None,
-              "settings": {"target": str(target_dir), "max_new_tokens": max_new_tokens, "temperature": temperature,
-                           "batch_size": batch_size, "max_len": max_len, "max_turns": max_turns, "seed": seed,
-                           "device": str(tlm.device)}}
+              "settings": {"target": str(target_dir), "max_new_tokens": max_new_tokens, "sampling": sampling.as_dict(),
+                           "thinking": thinking, "batch_size": batch_size, "max_len": max_len,
+                           "max_turns": max_turns, "seed": seed, "device": str(tlm.device)}}
     del engine, tlm, target
     return rows_out, report
 

@@ -30,6 +30,7 @@ REASONS = (
     "no_assistant_turn",  # nothing to train on after dropping leading assistant turns
     "no_user_turn",  # chat_prompts only: no user message to prompt with
     "too_long",  # no assistant token left at index >= 2 after truncation to max_length
+    "template",  # the chat template rewrites an assistant content so that the loss mask cannot follow it
 )
 
 ROLE_NAMES = {
@@ -116,9 +117,10 @@ def normalize_turns(row: dict, require_assistant: bool = True) -> Normalized:
 
     What is changed, and why:
       - roles map to system/user/assistant (ShareGPT human->user, gpt/chatgpt/bard/model->assistant);
-      - content is stripped of surrounding whitespace (ShareGPT values often carry it);
-      - empty system messages are dropped; an empty user/assistant message rejects the row
-        ("empty"), since dropping it would merge two turns of one side;
+      - contents are kept exactly as they are (a chat endpoint sends them to the template
+        unchanged; a prompt ending in a newline tokenizes differently from one that does not);
+      - empty system messages are dropped; an empty (or whitespace-only) user/assistant message
+        rejects the row ("empty"), since dropping it would merge two turns of one side;
       - assistant turns before the first user turn are dropped: ShareGPT's "split" conversations
         (about a third of them) start mid-dialogue with the model's answer to an unseen question;
       - with require_assistant (training), trailing non-assistant turns are dropped (they carry
@@ -152,15 +154,15 @@ def normalize_turns(row: dict, require_assistant: bool = True) -> Normalized:
         role = ROLE_NAMES.get(name.lower())
         if role is None:
             raise BadRow("unknown_role", f"message {i} {role_key}={name!r}")
-        content = content_text(turn[content_key], f"message {i} {content_key}").strip()
-        if not content:
+        content = content_text(turn[content_key], f"message {i} {content_key}")
+        if not content.strip():
             if role == "system":
                 continue
             raise BadRow("empty", f"message {i} ({role}) has empty content")
         message = {"role": role, "content": content}
         reasoning = turn.get("reasoning_content")
         if role == "assistant" and isinstance(reasoning, str) and reasoning.strip():
-            message["reasoning_content"] = reasoning.strip()
+            message["reasoning_content"] = reasoning
         messages.append(message)
         turn_of.append(i)
 

@@ -11,7 +11,7 @@ One verify step for each row, t = the last position in the target's KV cache
     draft   d_1 = head(e(x_{t+1}), h_t)        at position t        (logits = target lm_head(h'))
             d_j = head(e(d_{j-1}), h'_{j-1})   at position t+j-1    j = 2..K
     verify  target([x_{t+1}, d_1 .. d_K])      at positions t+1 .. t+K+1, ONE forward
-    accept  model/acceptance.py: n accepted drafts, then one bonus token (n+1 tokens emitted)
+    accept  model/acceptance.py (SGLang's rule): n accepted drafts, then one bonus token
     extend  the head's cache slots t+1 .. t+n+1 are recomputed from the TARGET's hidden states of
             the accepted tokens ("draft extend", as SGLang does); its output at slot t+n+1 is the
             next step's d_1. Rejected KV entries (target and head) are rolled back by lengths only.
@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from model import linear_kernels, moe_kernels
-from model.acceptance import sample, verify_drafts
+from model.acceptance import SamplingParams, VerifyRule, sample, verify_drafts
 from model.head import MTPHead
 from model.qwen3_forward import (
     EXPERT_IMPLS, Dims, LayerWeights, decoder_layer, decoder_layer_triton, rms_norm, rope_table, step_mask,
@@ -302,7 +302,9 @@ class Drafter(Protocol):
     """
 
     def allocate(self, batch_size: int, max_len: int, steps: int, temperature: float) -> None:
-        """Build buffers/caches for a batch of `batch_size` rows and `max_len` cache slots."""
+        """Build buffers/caches for a batch of `batch_size` rows and `max_len` cache slots.
+        `temperature` is the drafts' own: 0 = top-1 drafts (every rule but p/q rejection
+        sampling), > 0 = sample them from softmax(logits / temperature) and return q."""
 
     def prefill(self, st: DecodeState, hidden_BTH: torch.Tensor) -> None:
         """After the target's prefill: st.tokens holds prompt + first token, hidden_BTH is the
@@ -336,25 +338,27 @@ class Engine:
     """Batched plain / speculative decoding with static buffers, for a fixed batch size.
 
         engine = Engine(TargetLM(target), MTPDrafter(MTPHeadLM(head, tlm)), batch_size=8,
-                        max_len=2048, max_new_tokens=256, steps=3)
+                        max_len=2048, max_new_tokens=256, steps=3,
+                        sampling=SamplingParams(temperature=0.6, top_p=0.95, top_k=20))
         out = engine.generate(list_of_token_id_lists)                 # speculative
         ref = engine.generate(list_of_token_id_lists, speculative=False)
 
     A batch of fewer prompts is padded with finished rows. Each row stops at one of `eos_ids`
     (kept in the output) or after `max_new_tokens`. max_len >= prompt + max_new_tokens + K + 1.
+    `sampling` applies to every row (greedy by default); `rule` is how drafts are verified at
+    temperature > 0 (model/acceptance.py).
     """
 
     def __init__(self, target: DecodeTarget, drafter: Drafter | None = None, *, batch_size: int, max_len: int,
-                 max_new_tokens: int, steps: int = 3, temperature: float = 0.0, eos_ids=(),
-                 cuda_graphs: bool | None = None):
+                 max_new_tokens: int, steps: int = 3, sampling: SamplingParams = SamplingParams(),
+                 rule: VerifyRule = VerifyRule(), eos_ids=(), cuda_graphs: bool | None = None):
         if steps < 1:
             raise ValueError(f"steps (K) must be >= 1, got {steps}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError(f"max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) must be >= 1")
         self.target, self.drafter = target, drafter
-        self.B, self.K, self.temperature, self.max_new = batch_size, steps, float(temperature), max_new_tokens
+        self.B, self.K, self.max_new = batch_size, steps, max_new_tokens
+        self.sampling, self.rule = sampling, rule
         self.max_len = max_len
         self.S = math.ceil(max_len / CACHE_ALIGN) * CACHE_ALIGN
         self.device = torch.device(target.device)
@@ -366,7 +370,7 @@ class Engine:
         target.allocate(self.B, self.S)
         self._cache_version = getattr(getattr(target, "stack", None), "cache_version", None)
         if drafter is not None:
-            drafter.allocate(self.B, self.S, self.K, self.temperature)
+            drafter.allocate(self.B, self.S, self.K, rule.draft_temperature(sampling))
         dev, B = self.device, self.B
         self.eos_ids = torch.tensor(sorted(set(int(e) for e in eos_ids)), dtype=torch.long, device=dev)
         self.st = DecodeState(
@@ -398,7 +402,7 @@ class Engine:
         st = self.st
         pos = (st.seq_len - 1)[:, None]
         hidden = self.target.forward(st.tokens.gather(1, pos), pos)
-        nxt = sample(self.target.logits(hidden[:, 0]), self.temperature)
+        nxt = sample(self.target.logits(hidden[:, 0]), self.sampling)
         self._append(nxt[:, None], torch.ones_like(st.seq_len))
 
     def _spec_step(self):
@@ -408,7 +412,7 @@ class Engine:
         verify_BK1 = torch.cat([st.tokens.gather(1, cache_len[:, None]), draft_BK], dim=1)
         pos_BK1 = cache_len[:, None] + torch.arange(self.K + 1, device=self.device)
         hidden = self.target.forward(verify_BK1, pos_BK1)
-        n_B, emitted_BK1 = verify_drafts(draft_BK, q_BKV, self.target.logits(hidden), self.temperature)
+        n_B, emitted_BK1 = verify_drafts(draft_BK, q_BKV, self.target.logits(hidden), self.sampling, self.rule)
         st.hist.scatter_add_(1, n_B[:, None], (~st.finished).long()[:, None])
         self.drafter.commit(st, hidden, emitted_BK1, n_B, pos_BK1)
         self._append(emitted_BK1, n_B + 1)
@@ -459,7 +463,7 @@ class Engine:
         st.finished.copy_(torch.arange(B, device=dev) >= len(prompts))
         hidden_BTH = self.target.forward(toks, torch.arange(T, device=dev).expand(B, T), prefill=True)
         last_BH = hidden_BTH[torch.arange(B, device=dev), lens_B - 1]
-        first = sample(self.target.logits(last_BH), self.temperature)
+        first = sample(self.target.logits(last_BH), self.sampling)
         self._append(first[:, None], torch.ones_like(lens_B))
         if speculative:
             self.drafter.prefill(st, hidden_BTH)

@@ -2,21 +2,28 @@
 
     python scripts/eval_acceptance.py --target DIR --mtp DIR --prompts FILE --steps 3
     report = evaluate(target, head, tokenizer, prompts, EvalSettings(steps=3))   # what train/ calls
+    report = evaluate_batch_sizes(target, head, tokenizer, prompts, settings, [1, 8, 16])
 
 Each batch of prompts is decoded twice by the same engine (model/engine.py): speculatively and
-plainly. The plain run is the speed baseline and, at temperature 0, the lossless reference:
-speculative output must equal it token for token. The report is model/report.py's.
+plainly, with the same sampler. The plain run is the speed baseline and, when greedy, the
+lossless reference: speculative output must equal it token for token. The report is
+model/report.py's; sampling and the verification rule are model/acceptance.py's (SGLang's).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import logging
+from dataclasses import dataclass, field
 
 import torch
 
+from model.acceptance import SamplingParams, VerifyRule
 from model.drafters import DRAFTERS, build_drafter
 from model.engine import Engine, TargetLM
-from model.report import build_report
+from model.report import batch_size_table, build_report
+
+log = logging.getLogger(__name__)
 
 IM_END_ID = 151645  # <|im_end|>, the Qwen3 chat end of turn
 
@@ -26,7 +33,8 @@ class EvalSettings:
     """How to decode: the speculative setting (K, drafter, sampling) and the engine's knobs."""
 
     steps: int = 3  # K draft tokens per verify step
-    temperature: float = 0.0  # 0 = greedy
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # greedy by default
+    verify: VerifyRule = field(default_factory=VerifyRule)  # how drafts are verified when sampling
     batch_size: int = 8
     max_new_tokens: int = 256
     seed: int = 0
@@ -37,13 +45,12 @@ class EvalSettings:
     experts: str | None = None  # the torch path's experts (None = grouped_mm on CUDA, loop on CPU)
     compile: bool = False  # torch.compile the decode-step layer
     kernels: str | None = None  # triton | torch (None = triton on CUDA when installed)
+    thinking: bool | None = None  # how the prompts were rendered (recorded; None = the template's default)
 
     def check(self) -> None:
         """ValueError naming the setting and the fix."""
         if self.steps < 1:
             raise ValueError(f"steps (K) must be >= 1, got {self.steps}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         for name in ("batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -93,6 +100,7 @@ def evaluate(target, head, tokenizer, prompts, settings: EvalSettings | None = N
     rows = prompt_rows(prompts)
     tlm = target if isinstance(target, TargetLM) else TargetLM(target, experts=s.experts, compile=s.compile,
                                                                   kernels=s.kernels)
+    check_prompt_lengths(rows, tlm.config, s.max_new_tokens)
     if device is not None and torch.device(device).type != tlm.device.type:
         raise ValueError(f"the target is on {tlm.device} but device={device}; load it there first")
     room = s.max_new_tokens + s.steps + 1
@@ -107,7 +115,7 @@ def evaluate(target, head, tokenizer, prompts, settings: EvalSettings | None = N
     draft = build_drafter(s.drafter, head, tlm, experts=s.experts, compile=s.compile, kernels=s.kernels)
     batch_size = min(s.batch_size, len(rows))
     engine = Engine(tlm, draft, batch_size=batch_size, max_len=max_len, max_new_tokens=s.max_new_tokens,
-                    steps=s.steps, temperature=s.temperature, eos_ids=eos, cuda_graphs=s.cuda_graphs)
+                    steps=s.steps, sampling=s.sampling, rule=s.verify, eos_ids=eos, cuda_graphs=s.cuda_graphs)
     torch.manual_seed(s.seed)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["prompt_ids"]))  # less padding
     spec_out, base_out = [None] * len(rows), [None] * len(rows)
@@ -125,6 +133,37 @@ def evaluate(target, head, tokenizer, prompts, settings: EvalSettings | None = N
             for i, r in zip(idx, ref.rows):
                 base_out[i] = r
     return build_report(rows, spec_out, base_out if s.baseline else None, spec_s, base_s, steps=s.steps,
-                        temperature=s.temperature, batch_size=batch_size, max_new_tokens=s.max_new_tokens,
+                        sampling=s.sampling.as_dict(),
+                        verify_rule=s.verify.as_dict() if not s.sampling.greedy else {"kind": "greedy"},
+                        thinking=s.thinking, batch_size=batch_size, max_new_tokens=s.max_new_tokens,
                         drafter=s.drafter, device=str(tlm.device), eos_ids=eos,
                         kernels=getattr(getattr(tlm, "stack", None), "kernels", None))
+
+
+def evaluate_batch_sizes(target, head, tokenizer, prompts, settings: EvalSettings, batch_sizes: list[int], *,
+                         device=None, eos_ids=None, progress: bool = True) -> dict:
+    """`evaluate` at each batch size (same prompts, same seed). The report is the first batch
+    size's, plus `by_batch_size`: plain and speculative tok/s per batch size and whether
+    speculation is slower there (model/report.py's `batch_size_table`)."""
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise ValueError(f"batch sizes must be >= 1, got {batch_sizes}")
+    tlm = target if isinstance(target, TargetLM) else TargetLM(target, experts=settings.experts,
+                                                                  compile=settings.compile, kernels=settings.kernels)
+    reports = [evaluate(tlm, head, tokenizer, prompts, dataclasses.replace(settings, batch_size=b), device=device,
+                        eos_ids=eos_ids, progress=progress) for b in batch_sizes]
+    report = reports[0]
+    report["by_batch_size"] = batch_size_table(reports)
+    return report
+
+
+def check_prompt_lengths(rows: list[dict], config, max_new_tokens: int) -> None:
+    """Warn when a prompt plus its answer runs past the target's max_position_embeddings: the
+    engine would still run (RoPE extrapolates), but the target was not trained there."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not limit:
+        return
+    over = [(r["id"], len(r["prompt_ids"])) for r in rows if len(r["prompt_ids"]) + max_new_tokens > limit]
+    if over:
+        log.warning("%d prompt(s) plus max_new_tokens=%d run past the target's max_position_embeddings=%d, e.g. "
+                    "prompt %r with %d tokens; results there are outside what the target was trained on",
+                    len(over), max_new_tokens, limit, over[0][0], over[0][1])

@@ -311,15 +311,19 @@ def export_mtp(
     if dataclasses.is_dataclass(train_config) and not isinstance(train_config, type):
         train_config = dataclasses.asdict(train_config)
     command = sglang_command(out if merge else target, out)
+    training_config = train_config if train_config is not None else found_config
     info = {
         "format": "merged-target" if merge else "sglang-nextn-draft",
         "source_checkpoint": str(checkpoint.resolve()),
         "target": str(target.resolve()),
-        "training_config": train_config if train_config is not None else found_config,
+        "training_config": training_config,
         "acceptance_length": acceptance_length if acceptance_length is not None else found_al,
         "num_tensors": len(tensors),
         "num_parameters": sum(t.numel() for t in tensors.values()),
         "dtype": _dtype_name(torch_dtype),
+        # how the training rows were rendered (data.enable_thinking; null = the template's default):
+        # the head fits a server that renders requests the same way
+        "thinking": ((training_config or {}).get("data") or {}).get("enable_thinking"),
         "sglang_command": command,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "toolkit_version": _toolkit_version(),

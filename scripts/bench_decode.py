@@ -43,7 +43,7 @@ import torch
 import transformers
 
 from model import attn_kernels, linear_kernels, moe_kernels
-from model.acceptance import verify_drafts
+from model.acceptance import SamplingParams, verify_drafts
 from model.configs import NAMED
 from model.decode_bench import (
     T_START, build_head, build_target, free_memory, hbm_floor_ms, kernels_check, log, lossless_check, time_steps,
@@ -96,7 +96,7 @@ def bench_ours(model, head, cfg, B: int, ks: list[int], a, kernels: str, experts
     for K in ks:  # the plain engine's cache holds the prompt; verify K+1 tokens after it
         toks = torch.randint(0, cfg.vocab_size, (B, K + 1), generator=gen).to(device)
         pos = (a.ctx + torch.arange(K + 1, device=device)).expand(B, K + 1)
-        fn = lambda: verify_drafts(toks[:, 1:], None, tlm.logits(tlm.forward(toks, pos)), 0.0)  # noqa: E731
+        fn = lambda: verify_drafts(toks[:, 1:], None, tlm.logits(tlm.forward(toks, pos)), SamplingParams())  # noqa: E731
         graph = capture_graph(fn) if device.type == "cuda" else None
         out["verify_ms"][K] = time_steps(graph.replay if graph else fn, a.iters, device)
         del graph

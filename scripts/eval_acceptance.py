@@ -1,26 +1,43 @@
-"""Acceptance length and speedup of an MTP head under SGLang-style chain drafting (NEXTN, topk 1).
+"""Acceptance length and speed-up of an MTP head, measured as SGLang's NEXTN chain drafting runs it.
 
     python scripts/eval_acceptance.py --target artifacts/tiny-target --mtp runs/tiny/final \
-        --prompts data/mt_bench/question.jsonl --num-prompts 80 --steps 3 \
-        --max-new-tokens 256 --batch-size 8 --report eval.json --plot eval.png
+        --prompts mt-bench --num-prompts 80 --steps 3 --max-new-tokens 256 --batch-size 8 \
+        --report eval.json --plot eval.png
+    # the target's recommended sampling (generation_config.json), thinking as the template's default
+    python scripts/eval_acceptance.py --target DIR --mtp DIR --prompts mt-bench --sampling model
+    # one table of plain vs speculative tok/s per batch size
+    python scripts/eval_acceptance.py --target DIR --mtp DIR --batch-sizes 1,8,16
 
 --mtp takes a training checkpoint dir (head.safetensors), final/, an exported draft dir or a
 .safetensors file. --drafter ngram measures prompt-lookup drafting instead (no --mtp needed).
-Each prompt batch is decoded twice by the same engine: speculatively and plainly (the baseline,
-and at T=0 the lossless reference). Decoding is greedy at --temperature 0, else sampled.
+Each prompt batch is decoded twice by the same engine with the same sampler: speculatively and
+plainly (the baseline, and when greedy the lossless reference).
 
-Report fields (JSON):
-  acceptance_length        tokens per verify step, bonus included (SGLang avg_spec_accept_length)
+Sampling (model/acceptance.py): greedy at --temperature 0 (the default). At T > 0 drafts are
+verified with SGLang's default rule (top-1 drafts, each accepted with the target's probability
+after temperature, top-k and top-p; --accept-threshold-single/-acc as SGLang's flags);
+--rejection-sampling selects SGLang's --speculative-use-rejection-sampling (sampled drafts, p/q).
+--sampling model takes temperature, top_p, top_k and min_p from the target's
+generation_config.json where not given, as SGLang's --sampling-defaults model does.
+Prompts are rendered with the tokenizer's chat template from the messages as sent;
+--thinking on|off sets enable_thinking (default: what the template does when not told).
+
+Report fields (JSON; `definitions` in the report says the same):
+  acceptance_length        pooled: tokens per verify step, bonus included (SGLang avg_spec_accept_length)
+  acceptance_length_per_request_mean   the same per request, averaged
+  spec_accept_length_meta_mean   SGLang's per-request meta_info.spec_accept_length, averaged
   per_position_acceptance  K rates: P(draft i accepted | drafts before it accepted)
   per_position_acceptance_unconditional  K rates: steps accepting draft i / all verify steps
   accept_histogram         K+1 counts: verify steps that emitted 1 .. K+1 tokens
+  sampling, verify_rule, thinking     how the run decoded and rendered
   num_prompts, generated_tokens, verify_steps, steps, temperature
   spec_tokens_per_s, baseline_tokens_per_s, speedup   decode phase only (prefill excluded)
-  lossless                 T=0: speculative == plain greedy for every prompt (null at T>0);
+  by_batch_size            with --batch-sizes: per batch size tok/s, speed-up, speculation_slower
+  lossless                 greedy: speculative == plain for every prompt (null when sampling);
                            lossless_mismatches = how many prompts differ (bf16 GPU rounding can)
   per_category             category -> acceptance_length, per_position_acceptance, ...
-  per_prompt               id, category, num_prompt_tokens, output_token_ids, verify_steps,
-                           acceptance_length, accept_histogram, matches_baseline
+  per_prompt               id, category, prompt_token_ids, output_token_ids, verify_steps,
+                           acceptance_length, spec_accept_length_meta, accept_histogram, matches_baseline
 """
 
 from __future__ import annotations
@@ -38,13 +55,31 @@ def parse_args(argv=None):
     p.add_argument("--target", required=True, help="Qwen3-MoE model dir")
     p.add_argument("--mtp", help="head weights: checkpoint dir, final/, draft dir or .safetensors")
     p.add_argument("--drafter", default="mtp", choices=["mtp", "ngram"])
-    p.add_argument("--prompts", default="sharegpt-package",
-                   help="chat/MT-Bench .jsonl/.json/.parquet file or dir, or 'sharegpt-package'")
+    p.add_argument("--prompts", default="mt-bench",
+                   help="'mt-bench' (the 80 questions shipped in data/mt_bench/), 'sharegpt-package', or a "
+                        "chat/MT-Bench .jsonl/.json/.parquet file or dir")
     p.add_argument("--num-prompts", type=int, default=80)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--steps", type=int, default=3, help="K draft tokens per verify step")
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--sampling", choices=["explicit", "model"], default="explicit",
+                   help="model: temperature/top_p/top_k/min_p not given here come from the target's "
+                        "generation_config.json (SGLang's --sampling-defaults model); explicit: greedy unless given")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="-1 = all tokens")
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--rejection-sampling", action="store_true",
+                   help="verify sampled drafts with p/q rejection (SGLang's --speculative-use-rejection-sampling) "
+                        "instead of SGLang's default target-only rule")
+    p.add_argument("--accept-threshold-single", type=float, default=1.0,
+                   help="accept a draft whose target probability reaches this (SGLang's flag of the same name)")
+    p.add_argument("--accept-threshold-acc", type=float, default=1.0,
+                   help="accept a draft when a uniform draw < p / this (SGLang's flag of the same name)")
+    p.add_argument("--thinking", choices=["on", "off"], default=None,
+                   help="render prompts with enable_thinking true/false (default: the chat template's own default)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-sizes", default=None,
+                   help="comma list, e.g. 1,8,16: one table of plain and speculative tok/s per batch size")
     p.add_argument("--max-len", type=int, default=None,
                    help="KV cache slots (default: longest prompt + max-new-tokens + K + 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -66,8 +101,15 @@ def check_args(a) -> None:
     """Cheap checks before anything is loaded; SystemExit names the fix."""
     if a.steps < 1:
         raise SystemExit(f"error: --steps must be >= 1 (got {a.steps}); K=3 matches SGLang's usual setting")
-    if a.temperature < 0:
+    if a.temperature is not None and a.temperature < 0:
         raise SystemExit(f"error: --temperature must be >= 0 (got {a.temperature})")
+    if a.batch_sizes is not None:
+        try:
+            a.batch_sizes = [int(x) for x in a.batch_sizes.split(",") if x.strip()]
+        except ValueError:
+            raise SystemExit(f"error: --batch-sizes must be a comma list of integers (got {a.batch_sizes!r})") from None
+        if not a.batch_sizes or min(a.batch_sizes) < 1:
+            raise SystemExit(f"error: --batch-sizes must list batch sizes >= 1 (got {a.batch_sizes})")
     for name in ("num_prompts", "max_new_tokens", "batch_size"):
         if getattr(a, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1 (got {getattr(a, name)})")
@@ -87,26 +129,36 @@ def main(argv=None) -> int:
     check_args(a)
     from data.chat import chat_prompts
     from data.tokenizer import load_tokenizer
-    from model.evaluate import EvalSettings, evaluate
+    from model.acceptance import VerifyRule, resolve_sampling
+    from model.evaluate import EvalSettings, evaluate, evaluate_batch_sizes
     from model.mtp_weights import load_head
     from model.report import format_report, save_plot
     from model.target import FrozenTarget, default_dtype
 
+    thinking = None if a.thinking is None else a.thinking == "on"
     try:
+        sampling, origin = resolve_sampling({"temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k,
+                                             "min_p": a.min_p}, a.target, a.sampling)
+        rule = VerifyRule("rejection" if a.rejection_sampling else "target_only",
+                          threshold_single=a.accept_threshold_single, threshold_acc=a.accept_threshold_acc)
         dtype = default_dtype(a.device)
         target = FrozenTarget.load(a.target, device=a.device, dtype=dtype)
         head = load_head(a.mtp, target.config, a.device, dtype) if a.drafter == "mtp" else None
         tokenizer = load_tokenizer(a.tokenizer or a.target)
-        prompts = chat_prompts(a.prompts, tokenizer, limit=a.num_prompts)
+        prompts = chat_prompts(a.prompts, tokenizer, limit=a.num_prompts, enable_thinking=thinking)
         print(f"{len(prompts)} prompts from {a.prompts}; target {a.target}; drafter {a.drafter} "
-              f"{a.mtp or ''}; device {a.device}", flush=True)
-        settings = EvalSettings(steps=a.steps, temperature=a.temperature, batch_size=a.batch_size,
+              f"{a.mtp or ''}; device {a.device}; sampling {sampling.as_dict()}", flush=True)
+        settings = EvalSettings(steps=a.steps, sampling=sampling, verify=rule, batch_size=a.batch_size,
                                 max_new_tokens=a.max_new_tokens, seed=a.seed, max_len=a.max_len, drafter=a.drafter,
-                                baseline=not a.no_baseline, experts=a.experts, compile=a.compile, kernels=a.kernels)
-        report = evaluate(target, head, tokenizer, prompts, settings, device=a.device)
+                                baseline=not a.no_baseline, experts=a.experts, compile=a.compile, kernels=a.kernels,
+                                thinking=thinking)
+        if a.batch_sizes:
+            report = evaluate_batch_sizes(target, head, tokenizer, prompts, settings, a.batch_sizes, device=a.device)
+        else:
+            report = evaluate(target, head, tokenizer, prompts, settings, device=a.device)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    report.update(target=a.target, mtp=a.mtp, prompts=a.prompts)
+    report.update(target=a.target, mtp=a.mtp, prompts=a.prompts, sampling_source=origin)
     print(format_report(report))
     if a.report:
         Path(a.report).parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from data.regenerate import regenerate, write_jsonl
+from model.acceptance import resolve_sampling
 from data.sources import load_chat_rows
 
 
@@ -25,7 +26,14 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="chat .jsonl/.json/.parquet file or dir, or 'sharegpt-package'")
     p.add_argument("--out", required=True, help="output .jsonl (same row format as the input)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--sampling", choices=["explicit", "model"], default="explicit",
+                   help="model: values not given here come from the target's generation_config.json")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="-1 = all tokens")
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--thinking", choices=["on", "off"], default=None,
+                   help="enable_thinking of the chat template (default: the template's own default)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-len", type=int, default=2048, help="prompt + answer tokens; longer turns end the conversation")
     p.add_argument("--max-turns", type=int, default=None, help="regenerate at most N assistant turns per conversation")
@@ -37,7 +45,7 @@ def parse_args(argv=None):
     for name in ("max_new_tokens", "batch_size", "max_len"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if a.temperature < 0:
+    if a.temperature is not None and a.temperature < 0:
         p.error("--temperature must be >= 0")
     if a.max_turns is not None and a.max_turns < 1:
         p.error("--max-turns must be >= 1")
@@ -48,8 +56,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    try:
+        sampling, _ = resolve_sampling({"temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k,
+                                        "min_p": a.min_p}, a.target, a.sampling)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     raws = load_chat_rows(a.data, limit=a.limit)["raw"]
-    rows, report = regenerate(a.target, raws, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+    rows, report = regenerate(a.target, raws, max_new_tokens=a.max_new_tokens, sampling=sampling,
+                              thinking=None if a.thinking is None else a.thinking == "on",
                               batch_size=a.batch_size, max_len=a.max_len, max_turns=a.max_turns,
                               device=a.device, seed=a.seed)
     write_jsonl(rows, a.out)

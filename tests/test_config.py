@@ -33,6 +33,11 @@ def test_overrides_are_typed():
     ("data.max_length=2", "data.max_length"),
     ("log.backend=mlflow", "log.backend"),
     ("eval.steps=0", "eval.steps"),
+    ("eval.top_p=0", "eval.top_p"),
+    ("eval.top_k=0", "eval.top_k"),
+    ("eval.min_p=1.5", "eval.min_p"),
+    ("eval.sampling=server", "eval.sampling"),
+    ("data.enable_thinking=maybe", "data.enable_thinking"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
@@ -64,3 +69,19 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
     assert to_dict(again) == to_dict(cfg)
+
+
+def test_eval_sampling_resolves_like_the_cli(tmp_path):
+    """eval.sampling=model fills unset values from the target's generation_config.json."""
+    import json
+
+    from train.evaluate import eval_settings
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.95, "top_k": 20}))
+    cfg = load_config(ROOT / "configs/tiny.yaml", [f"target.path={tmp_path}", "eval.sampling=model", "eval.top_k=5",
+                                                   "data.enable_thinking=false"])
+    s = eval_settings(cfg)
+    assert (s.sampling.temperature, s.sampling.top_p, s.sampling.top_k) == (0.6, 0.95, 5)
+    assert s.verify.kind == "target_only" and s.thinking is False
+    s = eval_settings(load_config(ROOT / "configs/tiny.yaml", [f"target.path={tmp_path}", "eval.rejection_sampling=true"]))
+    assert s.sampling.greedy and s.verify.kind == "rejection"

@@ -40,7 +40,7 @@ OPENAI_ROW = {
         {"role": "user", "content": "What is 2+2? Answer in 中文."},
         {"role": "assistant", "content": "二加二等于四 (4). 🙂"},
         {"role": "user", "content": [{"type": "text", "text": "And 3+3?"}]},
-        {"role": "assistant", "content": "Six."},
+        {"role": "assistant", "content": "  Six.\n"},
     ]
 }
 GOOD_SHORT = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello there."}]}
@@ -132,6 +132,17 @@ def test_normalize_both_formats_and_leading_assistant():
         assert e.value.reason == reason, row
 
 
+def test_contents_reach_the_template_unchanged(qwen3_tokenizer):
+    """No stripping: what a chat endpoint would send the template, the template gets."""
+    messages = normalize_messages(SHAREGPT_ROW)
+    assert messages[-1]["content"] == "  Six.\n"
+    tok = qwen3_tokenizer
+    for thinking in (None, False, True):
+        kw = {} if thinking is None else {"enable_thinking": thinking}
+        out = tokenize_messages(tok, messages, max_length=4096, enable_thinking=thinking)
+        assert out["input_ids"] == tok.apply_chat_template(messages, tokenize=True, **kw)["input_ids"]
+
+
 def test_jsonl_mixing_bad_rows(qwen3_tokenizer, tmp_path):
     path = _write_jsonl(
         tmp_path / "mixed.jsonl", GOOD_ROWS + [b for b, _ in BAD_ROWS] + [LONG_PROMPT], ["{not json"]
@@ -140,7 +151,8 @@ def test_jsonl_mixing_bad_rows(qwen3_tokenizer, tmp_path):
     expected = _expected_skips(BAD_ROWS) | {"bad_json": 1, "too_long": 1}
     assert dict(report.skipped) == expected
     assert (report.total, report.kept) == (len(GOOD_ROWS) + len(BAD_ROWS) + 2, len(GOOD_ROWS))
-    assert set(ds.column_names) == {"input_ids", "loss_mask", "length"}
+    assert set(ds.column_names) == {"input_ids", "loss_mask", "length", "row"}
+    assert ds["row"] == [0, 1, 2, 3]  # raw row indices of the kept rows (prompts are rendered from them)
     assert all(len(r["input_ids"]) == len(r["loss_mask"]) == r["length"] <= 64 for r in ds)
     assert report.as_dict()["skipped"] == dict(sorted(expected.items()))
     assert report.summary().startswith(f"kept {len(GOOD_ROWS)} of {report.total} rows; skipped: bad_json=1")
@@ -187,17 +199,19 @@ def test_parquet_with_bad_rows(qwen3_tokenizer, tmp_path):
 
 
 def test_formats_give_identical_ids(qwen3_tokenizer):
-    a = tokenize_messages(qwen3_tokenizer, normalize_messages(SHAREGPT_ROW), max_length=4096)
-    b = tokenize_messages(qwen3_tokenizer, normalize_messages(OPENAI_ROW), max_length=4096)
+    a = tokenize_messages(qwen3_tokenizer, normalize_messages(SHAREGPT_ROW), max_length=4096, enable_thinking=False)
+    b = tokenize_messages(qwen3_tokenizer, normalize_messages(OPENAI_ROW), max_length=4096, enable_thinking=False)
     assert a == b
     text = qwen3_tokenizer.apply_chat_template(normalize_messages(OPENAI_ROW), tokenize=False, enable_thinking=False)
     assert a["input_ids"] == qwen3_tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def test_loss_mask_covers_exactly_the_assistant_tokens(qwen3_tokenizer):
+    """Thinking off: the content of every assistant turn and its <|im_end|>, the empty think
+    block (part of the served prompt) outside."""
     tok = qwen3_tokenizer
     messages = normalize_messages(SHAREGPT_ROW)
-    out = tokenize_messages(tok, messages, max_length=4096)
+    out = tokenize_messages(tok, messages, max_length=4096, enable_thinking=False)
     ids, mask = out["input_ids"], out["loss_mask"]
     masked = [i for i, m in zip(ids, mask) if m]
     assistant = [m["content"] for m in messages if m["role"] == "assistant"]
@@ -209,8 +223,25 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(qwen3_tokenizer):
     assert "<think>\n\n</think>\n\n" in unmasked and unmasked.count("<|im_start|>assistant\n") == 2
     # a user message that repeats the assistant's words does not move the mask
     echo = [{"role": "user", "content": "Say: Six."}, {"role": "assistant", "content": "Six."}]
-    out = tokenize_messages(tok, echo, max_length=4096)
+    out = tokenize_messages(tok, echo, max_length=4096, enable_thinking=False)
     assert tok.decode([i for i, m in zip(out["input_ids"], out["loss_mask"]) if m]) == "Six.<|im_end|>"
+
+
+@pytest.mark.parametrize("thinking", [None, True])
+def test_thinking_trains_on_what_the_model_writes(qwen3_tokenizer, thinking):
+    """Thinking on (or the Qwen3 template's default): the model writes the <think> block of the
+    final turn itself, so it is in the mask, reasoning included; earlier turns' reasoning is not
+    rendered (the template drops it from history)."""
+    tok = qwen3_tokenizer
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello.", "reasoning_content": "r1"},
+                {"role": "user", "content": "2+2?\n"},
+                {"role": "assistant", "content": "4", "reasoning_content": "add them"}]
+    out = tokenize_messages(tok, messages, max_length=4096, enable_thinking=thinking)
+    masked = tok.decode([i for i, m in zip(out["input_ids"], out["loss_mask"]) if m])
+    assert masked == "Hello.<|im_end|><think>\nadd them\n</think>\n\n4<|im_end|>"
+    off = tokenize_messages(tok, messages, max_length=4096, enable_thinking=False)  # reasoning dropped
+    assert tok.decode([i for i, m in zip(off["input_ids"], off["loss_mask"]) if m]) == "Hello.<|im_end|>4<|im_end|>"
+    assert "add them" not in tok.decode(off["input_ids"])
 
 
 def test_truncation_and_too_small_max_length(qwen3_tokenizer, tmp_path):
@@ -258,10 +289,13 @@ def test_chat_prompts(qwen3_tokenizer, tmp_path):
     assert (prompts[0]["id"], prompts[0]["category"]) == (81, "writing")
     text = tok.decode(prompts[0]["prompt_ids"])
     assert text.startswith("<|im_start|>user\nCompose an engaging travel blog post")
-    assert text.endswith("attractions.<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    # the template's default (Qwen3 thinks): the generation prompt alone; thinking off: an empty think block
+    assert text.endswith("attractions.<|im_end|>\n<|im_start|>assistant\n")
+    off = tok.decode(chat_prompts("mt-bench", tok, limit=1, enable_thinking=False)[0]["prompt_ids"])
+    assert off.endswith("attractions.<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
     # chat rows: everything before the first assistant turn
     path = _write_jsonl(tmp_path / "chats.jsonl", [SHAREGPT_ROW, {"conversations": [{"from": "human", "value": "Q?"}]}])
-    prompts = chat_prompts(path, tok, limit=2)
+    prompts = chat_prompts(path, tok, limit=2, enable_thinking=False)
     assert tok.decode(prompts[0]["prompt_ids"]) == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\nWhat is 2+2? Answer in 中文.<|im_end|>\n"
@@ -269,6 +303,24 @@ def test_chat_prompts(qwen3_tokenizer, tmp_path):
     )
     assert (prompts[0]["id"], prompts[0]["category"]) == ("x1", None)
     assert tok.decode(prompts[1]["prompt_ids"]).startswith("<|im_start|>user\nQ?<|im_end|>")
+    assert [p["id"] for p in chat_prompts(path, tok, rows=[1, 0])] == [1, "x1"]  # chosen rows, in that order
+
+
+@pytest.mark.parametrize("thinking", [None, False, True])
+def test_prompts_are_rendered_as_served(qwen3_tokenizer, tmp_path, thinking):
+    """Prompt ids equal apply_chat_template(raw messages, add_generation_prompt=True) token for
+    token, a prompt ending in a newline included (stripping it would change the tokens)."""
+    tok = qwen3_tokenizer
+    raw = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "def f(x):\n    return x\n"}]
+    path = _write_jsonl(tmp_path / "p.jsonl", [{"messages": raw}, {"question_id": 7, "turns": ["Why?\n\n", "t2"]}])
+    prompts = chat_prompts(path, tok, enable_thinking=thinking)
+    kw = {} if thinking is None else {"enable_thinking": thinking}
+    want = [tok.apply_chat_template(m, tokenize=True, add_generation_prompt=True, **kw)["input_ids"]
+            for m in (raw, [{"role": "user", "content": "Why?\n\n"}])]
+    assert [p["prompt_ids"] for p in prompts] == want
+    stripped = tok.apply_chat_template([{"role": "user", "content": "Why?"}], tokenize=True, add_generation_prompt=True,
+                                       **kw)["input_ids"]
+    assert want[1] != stripped
 
 
 def test_skip_report():

@@ -130,3 +130,40 @@ def test_profile_decode_cpu_smoke(tmp_path):
     with pytest.raises(SystemExit, match="unknown"):
         profile_decode.main(["--config", "tiny", "--device", "cpu", "--tune-kernels", "gemm"])
     assert [(r["mode"], r["batch"]) for r in runs] == [("eager:torch:loop", 1)] and runs[0]["step_ms"] > 0
+
+
+def test_cli_sampling_from_generation_config_thinking_and_batch_sizes(files, tmp_path):
+    """--sampling model takes the target's generation_config.json values (flags win), the report
+    records the sampling, the rule and the thinking mode, per-prompt prompt ids are the served
+    rendering, and --batch-sizes gives one row per batch size."""
+    import shutil
+
+    from data.tokenizer import load_tokenizer
+
+    target = tmp_path / "target"
+    shutil.copytree(files / "target", target)
+    (target / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.95, "top_k": 20}))
+    report = tmp_path / "r.json"
+    assert eval_acceptance.main(cli(files, "--steps", "2", "--sampling", "model", "--min-p", "0.01", "--thinking",
+                                    "off", "--batch-sizes", "1,2", "--report", str(report), target=target)) == 0
+    rep = json.loads(report.read_text())
+    assert rep["sampling"] == {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.01}
+    assert rep["sampling_source"] == {"temperature": "generation_config.json", "top_p": "generation_config.json",
+                                      "top_k": "generation_config.json", "min_p": "explicit"}
+    assert rep["verify_rule"] == {"kind": "target_only", "threshold_single": 1.0, "threshold_acc": 1.0}
+    assert rep["thinking"] is False and rep["lossless"] is None
+    assert [r["batch_size"] for r in rep["by_batch_size"]] == [1, 2]
+    assert all({"spec_tokens_per_s", "baseline_tokens_per_s", "speedup", "speculation_slower"} <= set(r)
+               for r in rep["by_batch_size"])
+    for key in ("acceptance_length", "acceptance_length_per_request_mean", "spec_accept_length_meta_mean"):
+        assert rep[key] is not None and rep[key] >= 1.0
+    tok = load_tokenizer(str(target))
+    first = {"role": "user", "content": "Write a haiku about rain."}
+    want = tok.apply_chat_template([first], tokenize=True, add_generation_prompt=True, enable_thinking=False)["input_ids"]
+    assert next(p for p in rep["per_prompt"] if p["id"] == 1)["prompt_token_ids"] == want
+    # an explicit temperature overrides the model's; p/q rejection sampling is recorded
+    assert eval_acceptance.main(cli(files, "--steps", "2", "--sampling", "model", "--temperature", "1.0",
+                                    "--rejection-sampling", "--report", str(report), target=target)) == 0
+    rep = json.loads(report.read_text())
+    assert rep["sampling"]["temperature"] == 1.0 and rep["sampling"]["top_k"] == 20
+    assert rep["verify_rule"]["kind"] == "rejection" and rep["thinking"] is None

@@ -78,7 +78,7 @@ def fake_checkpoint(path: Path, state: dict, target: Path) -> Path:
     path.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(path / HEAD_WEIGHTS_NAME))
     with open(path / RUN_CONFIG_NAME, "w") as f:
-        yaml.safe_dump({"target": {"path": str(target)}, "train": {"max_steps": 3}}, f)
+        yaml.safe_dump({"target": {"path": str(target)}, "data": {"enable_thinking": False}, "train": {"max_steps": 3}}, f)
     return path
 
 
@@ -391,6 +391,7 @@ def test_draft_dir_files(draft, target, checkpoint):
     assert info["num_tensors"] == 37 and info["dtype"] == "fp32"
     assert info["source_checkpoint"] == str(checkpoint.resolve())
     assert info["training_config"]["target"]["path"] == str(target)
+    assert info["thinking"] is False  # the run's data.enable_thinking
     assert "--speculative-algorithm NEXTN" in info["sglang_command"]
     assert f"--speculative-draft-model-path {draft.resolve()}" in info["sglang_command"]
     assert f"--model-path {target.resolve()}" in info["sglang_command"]

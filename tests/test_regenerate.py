@@ -126,3 +126,33 @@ def test_make_demo_target_smoke(tmp_path):
     from data.tokenizer import load_tokenizer
 
     assert load_tokenizer(str(out)).convert_tokens_to_ids("<|im_end|>") == 151645
+
+
+def test_thinking_answers_are_split_and_kept():
+    """A thinking answer splits at </think> as SGLang's qwen3 reasoning parser splits it; the
+    row keeps the reasoning as reasoning_content, and later prompts carry it for the template."""
+    from data.regenerate import output_row, plan_row, prompt_messages, split_reasoning
+
+    assert split_reasoning("<think>\nstep 1\n</think>\n\nThe answer.") == ("step 1", "\n\nThe answer.")
+    assert split_reasoning("no tags here") == (None, "no tags here")
+    conv = plan_row(0, SHAREGPT, max_turns=None)
+    first = conv.assistant_at[0]
+    conv.new_text[first], conv.new_reasoning[first] = "\n\nnew one", "why"
+    conv.done = 1
+    assert prompt_messages(conv)[-2] == {"role": "assistant", "content": "\n\nnew one", "reasoning_content": "why"}
+    conv.cut = "max_turns"
+    row = output_row(conv)
+    assert row["conversations"][2] == {"from": "gpt", "value": "\n\nnew one", "reasoning_content": "why"}
+
+
+def test_sampling_and_thinking_settings_reach_the_engine(tiny_target_dir, qwen3_tokenizer, regenerated):
+    from model.acceptance import SamplingParams
+
+    raws = [json.dumps(SHAREGPT), json.dumps(OPENAI)]
+    sp = SamplingParams(temperature=0.8, top_k=5)
+    a, report = _regen(tiny_target_dir, qwen3_tokenizer, raws, sampling=sp, seed=1)
+    b, _ = _regen(tiny_target_dir, qwen3_tokenizer, raws, sampling=sp, seed=1)
+    assert a == b and a != regenerated[0]  # seeded sampling: reproducible, and not the greedy answers
+    assert report["settings"]["sampling"] == sp.as_dict() and report["settings"]["thinking"] is None
+    off, report = _regen(tiny_target_dir, qwen3_tokenizer, raws, thinking=False)
+    assert off != regenerated[0] and report["settings"]["thinking"] is False  # another prompt, other answers

@@ -56,6 +56,10 @@ class DataConfig:
     num_proc: int = 1
     bucket_multiplier: int = 50
     hidden_states: str | None = None  # dir written by scripts/dump_hidden_states.py; training then skips the target forward
+    # the chat template's enable_thinking when rendering rows (null: the template's default, as a
+    # server renders a request that does not set it; Qwen3's hybrid models then think). false drops
+    # rows' reasoning; true/null keep it inside the <think> block and train on it
+    enable_thinking: bool | None = None
 
 
 @dataclass
@@ -91,7 +95,16 @@ class EvalConfig:
     num_prompts: int = 16
     max_new_tokens: int = 64
     steps: int = 3
-    temperature: float = 0.0
+    # sampling as in scripts/eval_acceptance.py: "model" fills the unset values (null) from the
+    # target's generation_config.json (SGLang's --sampling-defaults model); "explicit": greedy unless set
+    sampling: str = "explicit"
+    temperature: float | None = None  # 0 = greedy
+    top_p: float | None = None
+    top_k: int | None = None  # -1 = all tokens
+    min_p: float | None = None
+    rejection_sampling: bool = False  # p/q verification of sampled drafts instead of SGLang's default rule
+    accept_threshold_single: float = 1.0  # SGLang's --speculative-accept-threshold-single
+    accept_threshold_acc: float = 1.0  # SGLang's --speculative-accept-threshold-acc
     batch_size: int = 8
     min_acceptance_length: float | None = None  # export only if reached (when set)
 
@@ -276,7 +289,15 @@ def validate(cfg: Config) -> None:
     need(cfg.eval.num_prompts >= 1, "eval.num_prompts", "must be >= 1")
     need(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
     need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
-    need(cfg.eval.temperature >= 0, "eval.temperature", "must be >= 0")
+    need(cfg.eval.sampling in ("explicit", "model"), "eval.sampling", "must be explicit or model")
+    need(cfg.eval.temperature is None or cfg.eval.temperature >= 0, "eval.temperature", "must be >= 0 or null")
+    need(cfg.eval.top_p is None or 0 < cfg.eval.top_p <= 1, "eval.top_p", "must be in (0, 1] or null")
+    need(cfg.eval.top_k is None or cfg.eval.top_k == -1 or cfg.eval.top_k >= 1, "eval.top_k", "must be >= 1, -1 (all) or null")
+    need(cfg.eval.min_p is None or 0 <= cfg.eval.min_p < 1, "eval.min_p", "must be in [0, 1) or null")
+    need(cfg.eval.accept_threshold_single > 0 and cfg.eval.accept_threshold_acc > 0, "eval.accept_threshold_single",
+         "the accept thresholds must be > 0")
+    need(not (cfg.eval.rejection_sampling and (cfg.eval.accept_threshold_single, cfg.eval.accept_threshold_acc) != (1.0, 1.0)),
+         "eval.rejection_sampling", "the accept thresholds apply to the target-only rule; leave them at 1.0")
     need(
         not (cfg.eval.enabled and cfg.eval.prompts is None and cfg.data.holdout == 0),
         "eval.prompts", "eval.enabled needs eval.prompts or data.holdout > 0 (the held-out slice)",

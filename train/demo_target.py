@@ -284,7 +284,7 @@ def heldout_loss(model, blocks_NT: np.ndarray, batch_size: int, chunk: int, devi
 def greedy_diversity(model, tokenizer, mt_bench: str | None, num_prompts: int, max_new_tokens: int) -> dict:
     """Greedy plain decoding of MT-Bench first turns with model/engine.py's Engine; diversity."""
     if mt_bench:
-        prompts = [p["prompt_ids"] for p in chat_prompts(mt_bench, tokenizer, limit=num_prompts)]
+        prompts = [p["prompt_ids"] for p in chat_prompts(mt_bench, tokenizer, limit=num_prompts, enable_thinking=False)]
         source = mt_bench
     else:
         prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
@@ -295,7 +295,7 @@ def greedy_diversity(model, tokenizer, mt_bench: str | None, num_prompts: int, m
     tlm = TargetLM(model)
     eos = eos_token_ids(model.config, tokenizer)
     engine = Engine(tlm, None, batch_size=len(prompts), max_len=max(map(len, prompts)) + max_new_tokens + 2,
-                    max_new_tokens=max_new_tokens, steps=1, temperature=0.0, eos_ids=eos)
+                    max_new_tokens=max_new_tokens, steps=1, eos_ids=eos)
     out = engine.generate(prompts, speculative=False)
     outputs = [r.output_ids for r in out.rows]
     stats = diversity_stats(outputs, eos)

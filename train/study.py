@@ -44,12 +44,12 @@ from data.regenerate import write_jsonl
 from data.tokenizer import load_tokenizer
 from model.diversity import diversity_stats
 from model.engine import TargetLM
+from model.acceptance import SamplingParams
 from model.evaluate import EvalSettings, eos_token_ids, evaluate
 from model.export import export_mtp
 from model.mtp_weights import load_head
 from model.target import FrozenTarget
 from train.demo_target import load_rows, split_rows
-from train.evaluate import heldout_prompts
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: the phases run its scripts and configs
 
@@ -101,6 +101,7 @@ def phase_data(a, W: Path) -> None:
     write_jsonl([raws[i] for i in train_idx[: a.num_train]], D / "orig_train_all.jsonl")
     write_jsonl([raws[i] for i in held_idx], D / "orig_heldout.jsonl")
     common = ["--target", str(W / "target"), "--max-new-tokens", str(a.max_new_tokens), "--temperature", "0",
+              "--thinking", "off",
               "--batch-size", str(a.regen_batch_size), "--max-len", str(a.max_length), "--max-turns", "3"]
     for name in ("heldout", "train"):
         out = D / f"regen_{name}.jsonl"
@@ -131,7 +132,7 @@ def train_command(a, W: Path, name: str, port: int) -> list[str]:
     return [
         *launch,
         f"target.path={W / 'target'}", f"data.train={W / 'data' / f'train_{data}.jsonl'}", "data.limit=null",
-        f"data.holdout={holdout}", f"data.max_length={a.max_length}",
+        f"data.holdout={holdout}", f"data.max_length={a.max_length}", "data.enable_thinking=false",
         f"head.num_steps={k}", f"head.loss={loss}", f"head.init={init}",
         f"train.output_dir={W / 'heads' / name}", f"train.max_steps={a.train_steps}",
         f"train.micro_batch_size={a.train_batch_size}", f"train.lr={a.train_lr}", "train.warmup_steps=30",
@@ -182,12 +183,15 @@ def phase_eval(a, W: Path) -> None:
             for r in (read_jsonl(rows_path) if rows_path.exists() else [])}
     tok = load_tokenizer(str(W / "target"))
     holdout = json.loads((W / "data" / "data.json").read_text())["holdout"]
-    # the held-out prompts train_mtp's own eval hook would use: the first assistant turn's
-    # prompt of each held-out (regenerated) conversation, rendered as training renders it
-    held_ds, _ = build_chat_dataset(str(W / "data" / "regen_heldout.jsonl"), tok, a.max_length, limit=holdout)
-    prompts = {"sharegpt_heldout": heldout_prompts(held_ds, a.heldout_prompts)}
+    # the held-out prompts train_mtp's own eval hook would use: the messages before the first
+    # assistant turn of each held-out (regenerated) conversation, rendered as served (thinking off,
+    # as the demo target was trained and the data regenerated)
+    held = str(W / "data" / "regen_heldout.jsonl")
+    held_ds, _ = build_chat_dataset(held, tok, a.max_length, limit=holdout, enable_thinking=False)
+    prompts = {"sharegpt_heldout": chat_prompts(held, tok, limit=holdout, enable_thinking=False,
+                                                rows=held_ds["row"][: a.heldout_prompts])}
     if a.mt_bench:
-        prompts["mt_bench"] = chat_prompts(a.mt_bench, tok, limit=a.mt_bench_prompts)
+        prompts["mt_bench"] = chat_prompts(a.mt_bench, tok, limit=a.mt_bench_prompts, enable_thinking=False)
     else:
         print("eval: no --mt-bench file; MT-Bench rows skipped")
     target = FrozenTarget.load(str(W / "target"), device="cuda" if torch.cuda.is_available() else "cpu")
@@ -208,8 +212,8 @@ def phase_eval(a, W: Path) -> None:
             if time.perf_counter() - t0 > a.eval_budget_s:
                 print("eval: budget spent; rerun --phase eval to continue")
                 return
-            settings = EvalSettings(steps=K, temperature=T, batch_size=a.eval_batch_size,
-                                    max_new_tokens=a.max_new_tokens, seed=a.seed, drafter=drafter)
+            settings = EvalSettings(steps=K, sampling=SamplingParams(temperature=T), batch_size=a.eval_batch_size,
+                                    max_new_tokens=a.max_new_tokens, seed=a.seed, drafter=drafter, thinking=False)
             rep = evaluate(tlm, heads.get(name), tok, prompts[pset], settings, progress=False)
             row = {"drafter": drafter, "head": name, "prompts": pset, "temperature": T, "steps": K,
                    **{k: rep[k] for k in ("acceptance_length", "per_position_acceptance",

@@ -144,7 +144,7 @@ def build_data(cfg: Config, tokenizer, accelerator):
         with accelerator.main_process_first():
             ds, report = build_chat_dataset(
                 cfg.data.train, tokenizer, cfg.data.max_length, limit=cfg.data.limit, num_proc=cfg.data.num_proc,
-                cache_dir=Path(cfg.train.output_dir) / "data_cache",
+                cache_dir=Path(cfg.train.output_dir) / "data_cache", enable_thinking=cfg.data.enable_thinking,
             )
     print0(f"data: {report.summary()}")
     holdout = min(cfg.data.holdout, max(len(ds) - 1, 0))
