@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import shutil
-from collections import Counter
 from pathlib import Path
 
 import datasets
@@ -106,20 +105,21 @@ def tokenize_messages(tokenizer, messages: list[dict], max_length: int) -> dict[
 
 
 def _tokenize_batch(batch: dict, tokenizer, max_length: int) -> dict:
-    """datasets.map function: raw JSON rows -> input_ids, loss_mask, length, skip (reason|"").
+    """datasets.map function: raw JSON rows -> input_ids, loss_mask, length, skip (reason|""),
+    skip_where (the row's file:line when known, else "").
 
     Same result as tokenize_messages row by row, but the texts are encoded in one call, which
     the Rust tokenizer spreads over all cores.
     """
     n = len(batch["raw"])
-    skip = [""] * n
+    skip, where = [""] * n, [""] * n
     rendered = {}  # row index -> (text, spans)
     for i, raw in enumerate(batch["raw"]):
         try:
             row = parse_row(raw)
             rendered[i] = render_with_assistant_spans(tokenizer, normalize_messages(row))
         except BadRow as e:
-            skip[i] = e.reason
+            skip[i], where[i] = e.reason, e.where
     order = list(rendered)
     enc = tokenizer(
         [rendered[i][0] for i in order], add_special_tokens=False, return_offsets_mapping=True
@@ -132,7 +132,8 @@ def _tokenize_batch(batch: dict, tokenizer, max_length: int) -> dict:
             skip[i] = e.reason
             continue
         input_ids[i], loss_mask[i] = tokens["input_ids"], tokens["loss_mask"]
-    return {"input_ids": input_ids, "loss_mask": loss_mask, "length": [len(x) for x in input_ids], "skip": skip}
+    return {"input_ids": input_ids, "loss_mask": loss_mask, "length": [len(x) for x in input_ids], "skip": skip,
+            "skip_where": where}
 
 
 def build_chat_dataset(
@@ -190,7 +191,10 @@ def build_chat_dataset(
         desc="tokenize chats",
     )
     skips = tokenized["skip"]
-    report = SkipReport(total=len(skips), skipped=Counter(s for s in skips if s))
+    report = SkipReport(total=len(skips))
+    for reason, where in zip(skips, tokenized["skip_where"]):
+        if reason:
+            report.skip(BadRow(reason, where=where))
     report.kept = report.total - sum(report.skipped.values())
     if report.kept == 0:
         if report.skipped["too_long"]:
@@ -200,7 +204,7 @@ def build_chat_dataset(
             )
         raise ValueError(f"no usable rows in {source}: {report.summary()}")
     keep = [i for i, s in enumerate(skips) if not s]
-    dataset = tokenized.select(keep).remove_columns(["skip"]).flatten_indices()
+    dataset = tokenized.select(keep).remove_columns(["skip", "skip_where"]).flatten_indices()
     log.info("%s: %s", source, report.summary())
     return dataset, report
 
@@ -239,7 +243,7 @@ def chat_prompts(source: str, tokenizer, limit: int | None = None) -> list[dict]
                 )
                 messages = messages[:first_assistant]
         except BadRow as e:
-            report.skipped[e.reason] += 1
+            report.skip(e)
             continue
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True, enable_thinking=False

@@ -64,3 +64,25 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
     assert to_dict(again) == to_dict(cfg)
+
+
+def test_every_key_is_classified_for_resume_exactly_once():
+    from train.config import RESUME_FIXED, RESUME_SAFE, flat_dict
+
+    keys = set(flat_dict(to_dict(Config())))
+    assert not RESUME_FIXED & RESUME_SAFE, RESUME_FIXED & RESUME_SAFE
+    assert RESUME_FIXED | RESUME_SAFE == keys, {"unclassified": keys - RESUME_FIXED - RESUME_SAFE,
+                                                "unknown": (RESUME_FIXED | RESUME_SAFE) - keys}
+
+
+def test_resume_conflicts_list_fixed_keys_only(tmp_path):
+    from train.config import resume_conflicts
+
+    (tmp_path / "chats.jsonl").write_text("")
+    saved = to_dict(load_config(ROOT / "configs/tiny.yaml", [f"data.train={tmp_path / 'chats.jsonl'}"]))
+    now = load_config(ROOT / "configs/tiny.yaml", [
+        "train.lr=0.5", "train.max_steps=99", "log.backend=tensorboard", "train.output_dir=/x",
+        f"data.train={tmp_path}/./chats.jsonl"])  # the same file, spelled differently
+    assert resume_conflicts(saved, now) == [("train.lr", 2e-3, 0.5)]
+    del saved["head"]["num_steps"]  # a key the checkpoint's config lacks counts as its default (1)
+    assert ("head.num_steps", 1, 2) in resume_conflicts(saved, now)
