@@ -205,7 +205,7 @@ USER_ERRORS = (ValueError, OSError)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return train(args.config, args.overrides)
+        return run_training(args.config, args.overrides)
     except USER_ERRORS as e:
         if args.debug or os.environ.get("MTP_DEBUG") == "1":
             raise
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def train(config_path: str | None, overrides: list[str]) -> int:
+def run_training(config_path: str | None, overrides: list[str]) -> int:
     cfg = load_config(config_path, overrides)
     # The run dir is checked, locked and claimed before minutes of target loading (train/run_dir.py).
     run = open_run(cfg, env_rank(), env_world_size())
