@@ -28,7 +28,9 @@ artifacts/tiny-target/config.json: $(STAMP)
 	$(PY) scripts/make_tiny_target.py --out artifacts/tiny-target
 
 # Two CPU processes under DeepSpeed ZeRO-2 (gloo), the same entry point as on GPUs.
+# It starts over: a run dir belongs to one run, so the previous demo's dir is removed first.
 demo: artifacts/tiny-target/config.json
+	rm -rf $(DEMO)
 	$(PY) -m accelerate.commands.launch --config_file configs/accelerate/cpu_zero2.yaml \
 		train/train_mtp.py --config configs/tiny.yaml train.output_dir=$(DEMO) train.resume=none
 	$(PY) scripts/export_mtp.py --check $(DEMO)/export --target artifacts/tiny-target

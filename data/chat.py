@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import shutil
-from collections import Counter
 from pathlib import Path
 
 import datasets
@@ -153,20 +152,20 @@ def tokenize_messages(tokenizer, messages: list[dict], max_length: int,
 
 def _tokenize_batch(batch: dict, indices: list[int], tokenizer, max_length: int, enable_thinking: bool | None) -> dict:
     """datasets.map function: raw JSON rows -> input_ids, loss_mask, length, row (the raw row's
-    index in the source), skip (reason|"").
+    index in the source), skip (reason|""), skip_where (the row's file:line when known, else "").
 
     Same result as tokenize_messages row by row, but the texts are encoded in one call, which
     the Rust tokenizer spreads over all cores.
     """
     n = len(batch["raw"])
-    skip = [""] * n
+    skip, where = [""] * n, [""] * n
     rendered = {}  # row index -> (text, spans)
     for i, raw in enumerate(batch["raw"]):
         try:
             row = parse_row(raw)
             rendered[i] = render_with_assistant_spans(tokenizer, normalize_messages(row), enable_thinking)
         except BadRow as e:
-            skip[i] = e.reason
+            skip[i], where[i] = e.reason, e.where
     order = list(rendered)
     enc = tokenizer(
         [rendered[i][0] for i in order], add_special_tokens=False, return_offsets_mapping=True
@@ -180,7 +179,7 @@ def _tokenize_batch(batch: dict, indices: list[int], tokenizer, max_length: int,
             continue
         input_ids[i], loss_mask[i] = tokens["input_ids"], tokens["loss_mask"]
     return {"input_ids": input_ids, "loss_mask": loss_mask, "length": [len(x) for x in input_ids],
-            "row": list(indices), "skip": skip}
+            "row": list(indices), "skip": skip, "skip_where": where}
 
 
 def build_chat_dataset(
@@ -244,7 +243,10 @@ def build_chat_dataset(
         desc="tokenize chats",
     )
     skips = tokenized["skip"]
-    report = SkipReport(total=len(skips), skipped=Counter(s for s in skips if s))
+    report = SkipReport(total=len(skips))
+    for reason, where in zip(skips, tokenized["skip_where"]):
+        if reason:
+            report.skip(BadRow(reason, where=where))
     report.kept = report.total - sum(report.skipped.values())
     if report.kept == 0:
         if report.skipped["too_long"]:
@@ -254,7 +256,7 @@ def build_chat_dataset(
             )
         raise ValueError(f"no usable rows in {source}: {report.summary()}")
     keep = [i for i, s in enumerate(skips) if not s]
-    dataset = tokenized.select(keep).remove_columns(["skip"]).flatten_indices()
+    dataset = tokenized.select(keep).remove_columns(["skip", "skip_where"]).flatten_indices()
     log.info("%s: %s", source, report.summary())
     return dataset, report
 
@@ -309,7 +311,7 @@ def chat_prompts(source: str, tokenizer, limit: int | None = None, enable_thinki
                 continue
             messages = _prompt_messages(row)
         except BadRow as e:
-            report.skipped[e.reason] += 1
+            report.skip(e)
             continue
         prompts.append({"prompt_ids": render_prompt(tokenizer, messages, enable_thinking),
                         "category": row.get("category"), "id": row.get("question_id", row.get("id", i))})

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 REASONS = (
+    "bad_encoding",  # a row of a .jsonl/.json file is not valid UTF-8 (data/sources.py)
     "bad_json",  # a line of a .jsonl file is not valid JSON
     "missing_field",  # no conversations/messages key, or a message without from/value, role/content
     "wrong_type",  # e.g. conversations is a string, content is a number
@@ -48,38 +49,69 @@ ROLE_NAMES = {
 class BadRow(Exception):
     """A row that cannot be used; `reason` is one of REASONS, `detail` says what was wrong."""
 
-    def __init__(self, reason: str, detail: str = ""):
+    def __init__(self, reason: str, detail: str = "", where: str = ""):
         assert reason in REASONS, reason
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+        self.where = where  # file:line, when the row's location is known
+
+
+MAX_WHERE = 3  # locations kept per reason in a SkipReport
 
 
 @dataclass
 class SkipReport:
-    """How many raw rows were read (`total`), kept, and skipped per reason."""
+    """How many raw rows were read (`total`), kept, and skipped per reason; `where` keeps the
+    location (file:line) of the first few skipped rows of a reason when it is known (bad_encoding)."""
 
     total: int = 0
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
+    where: dict = field(default_factory=dict)  # reason -> ["file:line", ...], at most MAX_WHERE
+
+    def skip(self, bad: BadRow) -> None:
+        """Count one bad row (and its location, when it carries one)."""
+        self.skipped[bad.reason] += 1
+        if bad.where and len(self.where.setdefault(bad.reason, [])) < MAX_WHERE:
+            self.where[bad.reason].append(bad.where)
 
     def summary(self) -> str:
-        """One line, e.g. 'kept 970 of 1000 rows; skipped: empty=3, too_long=27'."""
-        reasons = ", ".join(f"{r}={n}" for r, n in sorted(self.skipped.items()) if n)
+        """One line, e.g. 'kept 970 of 1000 rows; skipped: bad_encoding=1 (chats.jsonl:7), too_long=27'."""
+        reasons = ", ".join(
+            f"{r}={n}" + (f" ({', '.join(self.where[r])}{', ...' if n > len(self.where[r]) else ''})" if self.where.get(r) else "")
+            for r, n in sorted(self.skipped.items()) if n
+        )
         return f"kept {self.kept} of {self.total} rows; skipped: {reasons or 'none'}"
 
     def as_dict(self) -> dict:
-        """{"total": int, "kept": int, "skipped": {reason: count}} (JSON-serializable)."""
-        return {"total": self.total, "kept": self.kept, "skipped": dict(sorted(self.skipped.items()))}
+        """{"total": int, "kept": int, "skipped": {reason: count}} (JSON-serializable), plus
+        "where": {reason: ["file:line", ...]} when any location is known."""
+        d = {"total": self.total, "kept": self.kept, "skipped": dict(sorted(self.skipped.items()))}
+        return d | ({"where": dict(sorted(self.where.items()))} if self.where else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> "SkipReport":
-        """The inverse of `as_dict`."""
-        return cls(total=d["total"], kept=d["kept"], skipped=Counter(d["skipped"]))
+        """The inverse of `as_dict` (a report saved before `where` existed has none)."""
+        return cls(total=d["total"], kept=d["kept"], skipped=Counter(d["skipped"]), where=dict(d.get("where", {})))
+
+
+# A row that could not be decoded travels as this marker + its location, so that it is judged
+# (and counted) with every other row instead of stopping the read (data/sources.py).
+_BAD_ENCODING = "\x00bad_encoding\x00"
+
+
+def bad_encoding_row(where: str) -> str:
+    """The stored form of a row whose bytes are not UTF-8; `where` is e.g. "chats.jsonl:7, byte 6465"."""
+    return _BAD_ENCODING + where
 
 
 def parse_row(raw: str):
-    """One stored row (JSON text) back to its object; unparsable text is a `bad_json` row."""
+    """One stored row (JSON text) back to its object; unparsable text is a `bad_json` row, and
+    a row that was not UTF-8 a `bad_encoding` row."""
+    if raw.startswith(_BAD_ENCODING):
+        where = raw[len(_BAD_ENCODING):]
+        raise BadRow("bad_encoding", f"{where} is not valid UTF-8", where=where)
     try:
         return json.loads(raw)
     except json.JSONDecodeError as e:

@@ -124,7 +124,7 @@ class JsonArrayRecords:
         if not self.complete:
             self.unparsed_bytes = len(buf[pos:].encode("utf-8", "surrogatepass"))
             while (chunk := self._file.read(self._chunk_size)):
-                self.unparsed_bytes += len(chunk) if isinstance(chunk, bytes) else len(chunk.encode())
+                self.unparsed_bytes += len(chunk) if isinstance(chunk, bytes) else len(chunk.encode("utf-8", "surrogateescape"))
 
 
 def iter_json_array_records(fileobj: IO, chunk_size: int = 1 << 20) -> JsonArrayRecords:

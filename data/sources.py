@@ -5,7 +5,9 @@
 Sources: a local .jsonl/.json/.parquet file or a directory of them, the special names
 "sharegpt-package" (data/sharegpt.py) and "mt-bench" (the 80 MT-Bench questions shipped in
 data/mt_bench/), or a hub dataset id (not reachable in every workplace).
-Each row is kept as its JSON text and judged later, one by one (data/rows.py).
+Each row is kept as its JSON text and judged later, one by one (data/rows.py); a row of a
+.jsonl/.json file that is not valid UTF-8 is kept as a marker with its file and line, and
+judged a `bad_encoding` row there.
 
 Caching: "sharegpt-package" is first written to $QWEN3_MOE_MTP_CACHE (default
 ~/.cache/qwen3_moe_mtp)/sharegpt_{limit|all}.jsonl, atomically.
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import datasets
 
+from data.rows import bad_encoding_row
 from data.sharegpt import SHAREGPT_PACKAGE, iter_json_array_records, write_sharegpt_jsonl
 
 log = logging.getLogger(__name__)
@@ -44,13 +47,16 @@ def _raw_rows_of_file(path: Path) -> Iterator[str]:
             for row in batch.to_pylist():
                 yield json.dumps(row, ensure_ascii=False, default=str)
         return
-    with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
+    # -sig: tolerate a byte-order mark. surrogateescape: a byte that is not UTF-8 becomes a lone
+    # surrogate instead of stopping the read, so its row is counted as bad_encoding and skipped.
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         head = f.read(4096).lstrip()
         f.seek(0)
         if path.suffix == ".json" and head.startswith("["):
             records = iter_json_array_records(f)
-            for record in records:
-                yield json.dumps(record, ensure_ascii=False)
+            for i, record in enumerate(records, 1):
+                text = json.dumps(record, ensure_ascii=False)
+                yield text if _is_utf8(text) else bad_encoding_row(f"{path}, record {i}")
             if not records.complete:
                 log.warning(
                     "%s: JSON array is truncated or malformed after record %d; %d bytes ignored",
@@ -58,10 +64,19 @@ def _raw_rows_of_file(path: Path) -> Iterator[str]:
                 )
             return
         # JSON lines (.jsonl, or a .json file holding one object per line as `datasets` allows)
-        for line in f:
+        for lineno, line in enumerate(f, 1):
             line = line.strip()
             if line:
-                yield line
+                yield line if _is_utf8(line) else bad_encoding_row(f"{path}:{lineno}")
+
+
+def _is_utf8(text: str) -> bool:
+    """False when `text` holds a lone surrogate: a byte that was not UTF-8 (surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _raw_rows(source: str, split: str, limit: int | None) -> Iterator[str]:

@@ -283,6 +283,7 @@ def export_mtp(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     acceptance_length: float | None = None,
     train_config: Any = None,
+    run_id: str | None = None,
 ) -> Path:
     """Write MTP weights from `checkpoint` as an SGLang NEXTN draft dir (default) or, with
     `merge`, as a copy of the target with an added `mtp` shard. Returns `out`.
@@ -292,7 +293,8 @@ def export_mtp(
     Everything is loaded and checked before anything is written; the output is built in a temp
     dir next to `out` and renamed into place. A non-empty `out` needs `force`.
     `train_config` (a dict or dataclass) and `acceptance_length` go into export_info.json; when
-    not given they are taken from the run's config.yaml / an earlier export_info.json.
+    not given they are taken from the run's config.yaml / an earlier export_info.json. `run_id`
+    (training's export) is recorded too, so a rerun of the same run recognises its own export.
     """
     checkpoint, target, out = Path(checkpoint), Path(target), Path(out)
     torch_dtype = _parse_dtype(dtype)
@@ -327,6 +329,7 @@ def export_mtp(
         "sglang_command": command,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "toolkit_version": _toolkit_version(),
+        **({"run_id": run_id} if run_id else {}),
     }
 
     with atomic_dir(out) as tmp:  # a crash leaves the old export or the new one, never half

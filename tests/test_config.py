@@ -85,3 +85,25 @@ def test_eval_sampling_resolves_like_the_cli(tmp_path):
     assert s.verify.kind == "target_only" and s.thinking is False
     s = eval_settings(load_config(ROOT / "configs/tiny.yaml", [f"target.path={tmp_path}", "eval.rejection_sampling=true"]))
     assert s.sampling.greedy and s.verify.kind == "rejection"
+
+
+def test_every_key_is_classified_for_resume_exactly_once():
+    from train.config import RESUME_FIXED, RESUME_SAFE, flat_dict
+
+    keys = set(flat_dict(to_dict(Config())))
+    assert not RESUME_FIXED & RESUME_SAFE, RESUME_FIXED & RESUME_SAFE
+    assert RESUME_FIXED | RESUME_SAFE == keys, {"unclassified": keys - RESUME_FIXED - RESUME_SAFE,
+                                                "unknown": (RESUME_FIXED | RESUME_SAFE) - keys}
+
+
+def test_resume_conflicts_list_fixed_keys_only(tmp_path):
+    from train.config import resume_conflicts
+
+    (tmp_path / "chats.jsonl").write_text("")
+    saved = to_dict(load_config(ROOT / "configs/tiny.yaml", [f"data.train={tmp_path / 'chats.jsonl'}"]))
+    now = load_config(ROOT / "configs/tiny.yaml", [
+        "train.lr=0.5", "train.max_steps=99", "log.backend=tensorboard", "train.output_dir=/x",
+        f"data.train={tmp_path}/./chats.jsonl"])  # the same file, spelled differently
+    assert resume_conflicts(saved, now) == [("train.lr", 2e-3, 0.5)]
+    del saved["head"]["num_steps"]  # a key the checkpoint's config lacks counts as its default (1)
+    assert ("head.num_steps", 1, 2) in resume_conflicts(saved, now)

@@ -167,6 +167,34 @@ def test_json_array_with_bad_rows_and_truncated_tail(qwen3_tokenizer, tmp_path):
     assert (report.total, report.kept) == (len(GOOD_ROWS) + len(BAD_ROWS), len(GOOD_ROWS))
 
 
+def _with_bad_bytes(rows: list[dict], bad_at: set[int]) -> bytes:
+    """JSONL bytes of `rows`; the rows at `bad_at` (0-based) get two bytes that are not UTF-8."""
+    lines = [json.dumps(r, ensure_ascii=False).encode() for r in rows]
+    for i in bad_at:
+        lines[i] = lines[i].replace(b'"value": "', b'"value": "\xff\xfe', 1).replace(b'"content": "', b'"content": "\xff\xfe', 1)
+    return b"\n".join(lines) + b"\n"
+
+
+def test_invalid_utf8_is_a_bad_row_with_its_file_and_line(qwen3_tokenizer, tmp_path):
+    rows = GOOD_ROWS + GOOD_ROWS
+    path = tmp_path / "chats.jsonl"
+    path.write_bytes(_with_bad_bytes(rows, {1, 5, 6, 7}))
+    ds, report = build_chat_dataset(str(path), qwen3_tokenizer, max_length=256)
+    assert report.skipped == Counter({"bad_encoding": 4}) and len(ds) == report.kept == len(rows) - 4
+    assert report.where["bad_encoding"] == [f"{path}:2", f"{path}:6", f"{path}:7"]  # the first ones
+    assert f"bad_encoding=4 ({path}:2, {path}:6, {path}:7, ...)" in report.summary()
+    assert SkipReport.from_dict(json.loads(json.dumps(report.as_dict()))).summary() == report.summary()
+    prompts = chat_prompts(str(path), qwen3_tokenizer)  # prompts read the same rows
+    assert len(prompts) == len(rows) - 4
+
+
+def test_invalid_utf8_in_a_json_array_is_a_bad_record(qwen3_tokenizer, tmp_path):
+    path = tmp_path / "chats.json"
+    path.write_bytes(b"[" + _with_bad_bytes(GOOD_ROWS, {2}).strip().replace(b"\n", b",\n") + b"]")
+    _, report = build_chat_dataset(str(path), qwen3_tokenizer, max_length=256)
+    assert report.skipped == Counter({"bad_encoding": 1}) and report.where["bad_encoding"] == [f"{path}, record 3"]
+
+
 def test_parquet_with_bad_rows(qwen3_tokenizer, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -43,6 +43,12 @@ def make_accelerator(cfg: Config, device: torch.device):
         ds["gradient_accumulation_steps"] = cfg.train.grad_accum
         ds["train_batch_size"] = cfg.train.micro_batch_size * cfg.train.grad_accum * accelerator.num_processes
         ds["gradient_clipping"] = cfg.train.grad_clip
+        if accelerator.state.deepspeed_plugin.zero_stage == 3:
+            # Checkpoints and final/ write the whole head (head.safetensors), which under ZeRO-3
+            # needs its partitions gathered on save. accelerate's own flags
+            # (`--use_deepspeed --zero_stage 3`, no config file) leave this off, and the first
+            # save would fail after the steps were trained.
+            ds.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
     zero = ""
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # for the log line and the ZeRO-3 check
         zero = f", ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"

@@ -315,6 +315,58 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def flat_dict(tree: dict) -> dict[str, Any]:
+    """`{"train": {"lr": 1e-4}}` -> `{"train.lr": 1e-4}` (two levels: section.key)."""
+    return {f"{section}.{key}": value for section, values in tree.items() for key, value in (values or {}).items()}
+
+
+# --------------------------------------------------------------------------- resuming
+
+# Every key of Config, classified for `train.resume`: FIXED keys change the trajectory (what is
+# trained on, in which order, with which optimizer and schedule, from which target), so a
+# resumed run must keep the checkpoint's values; SAFE keys change how the run is driven, logged,
+# evaluated or exported, and may differ. tests/test_config.py checks that every key is in
+# exactly one of the two sets. train.max_steps is safe, but a value below the checkpoint's
+# step is refused (train/checkpoint.py); a new value re-stretches the cosine schedule from the
+# resumed step on.
+RESUME_FIXED = frozenset({
+    "target.path", "target.tokenizer", "target.dtype", "target.attn_implementation", "target.trust_remote_code",
+    "head.init", "head.num_steps", "head.step_decay", "head.loss", "head.kl_weight",
+    "data.train", "data.limit", "data.holdout", "data.max_length", "data.bucket_multiplier", "data.hidden_states",
+    "train.micro_batch_size", "train.grad_accum", "train.lr", "train.weight_decay", "train.adam_beta1",
+    "train.adam_beta2", "train.warmup_steps", "train.grad_clip", "train.seed",
+})
+RESUME_SAFE = frozenset({
+    "target.compile", "target.partition",  # how the frozen target runs, not what it computes
+    "head.loss_chunk_size", "head.activation_checkpointing",  # memory/speed, same loss
+    "data.num_proc",
+    "train.output_dir", "train.max_steps", "train.resume", "train.save_every", "train.keep_checkpoints",
+    "train.log_every",
+    "log.backend", "log.project", "log.run_name",
+    "eval.enabled", "eval.prompts", "eval.num_prompts", "eval.max_new_tokens", "eval.steps", "eval.temperature",
+    "eval.batch_size", "eval.min_acceptance_length",
+    "export.enabled", "export.out", "export.dtype", "export.merge",
+})
+# values that name a local path: compared as resolved paths, so `x.jsonl` and `./x.jsonl` agree
+_PATH_KEYS = ("target.path", "target.tokenizer", "head.init", "data.train", "data.hidden_states")
+
+
+def _same_value(key: str, old: Any, new: Any) -> bool:
+    if old == new:
+        return True
+    if key in _PATH_KEYS and isinstance(old, str) and isinstance(new, str) and Path(old).exists():
+        return Path(old).resolve() == Path(new).resolve()
+    return False
+
+
+def resume_conflicts(saved: dict, cfg: Config) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's value, this run's value) for every RESUME_FIXED key that differs.
+    `saved` is a checkpoint's config.yaml as read; a key it lacks counts as its default."""
+    defaults, old, new = flat_dict(to_dict(Config())), flat_dict(saved), flat_dict(to_dict(cfg))
+    return [(key, old.get(key, defaults[key]), new[key]) for key in sorted(RESUME_FIXED)
+            if not _same_value(key, old.get(key, defaults[key]), new[key])]
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

@@ -4,8 +4,11 @@
         --config configs/qwen3_30b_a3b.yaml train.output_dir=runs/30b head.num_steps=3
     python train/train_mtp.py --config configs/tiny.yaml          # one process, no DeepSpeed
 
-Reads top to bottom: config -> target (before the Accelerator: ZeRO-3 would partition it) ->
-accelerator -> head -> data -> optimizer -> resume -> loop -> final weights -> evaluate -> export.
+Reads top to bottom: config -> run dir (train/run_dir.py: writable, locked, one run's; the
+checkpoint to resume chosen and checked) -> target (before the Accelerator: ZeRO-3 would
+partition it) -> accelerator -> head -> data -> optimizer -> resume -> loop -> final weights ->
+evaluate -> export. A user error (ValueError, OSError) prints one `error:` line and exits 2;
+`--debug` or MTP_DEBUG=1 shows the traceback.
 With `target.partition=zero3` the target is built after the Accelerator instead, split across the
 ranks by its own ZeRO-3 inference engine (train/partition.py, docs/training.md).
 
@@ -13,15 +16,17 @@ Footguns handled here:
 - the target is frozen and is never handed to `accelerator.prepare`; its embedding and lm_head
   are shared with the head by reference, not as submodules;
 - label shift lives in model/loss.py only;
-- checkpoints (train/checkpoint.py) are written under a temporary name and renamed when
-  complete; SIGTERM/SIGINT finish the current optimizer step, save, and exit 0 (train/loop.py);
-  `train.resume=auto` continues.
+- checkpoints (train/checkpoint.py) are written under a temporary name, with a manifest, and
+  renamed when complete; SIGTERM/SIGINT finish the current optimizer step, save, and exit 0
+  (train/loop.py); `train.resume=auto` continues from the newest one that verifies;
+- the export replaces only an export of this same run (export_mtp.py's rule otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,20 +37,22 @@ from model.mtp_weights import RUN_CONFIG_NAME, load_mtp_state
 from model.target import FrozenTarget, default_dtype
 from train.accelerator import make_accelerator
 from train.checkpoint import resume_or_start, save_final
-from train.common import MetricsWriter, pick_device, print0
+from train.common import MetricsWriter, env_rank, env_world_size, pick_device, print0
 from train.config import Config, load_config, save_config, to_dict
 from train.loop import evaluate_heldout, train_loop
 from train.partition import gathered
+from train.run_dir import Run, export_dir, export_is_ours, open_run
 
 
 # ----------------------------------------------------------------------------- phases
 
-def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML config (configs/*.yaml)")
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of an error (also MTP_DEBUG=1); otherwise a user error is one line")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 head.num_steps=3")
-    args = p.parse_args(argv)
-    return args.config, args.overrides
+    return p.parse_args(argv)
 
 
 def build_target(cfg: Config, device: torch.device, accelerator=None) -> FrozenTarget:
@@ -190,10 +197,34 @@ def flat_config(cfg: Config) -> dict:
     return flat
 
 
+# What a user can cause and fix (a config value, a path, a data file, a busy or foreign run dir):
+# one `error:` line, exit 2. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    config_path, overrides = parse_args(argv)
+    args = parse_args(argv)
+    try:
+        return run_training(args.config, args.overrides)
+    except USER_ERRORS as e:
+        if args.debug or os.environ.get("MTP_DEBUG") == "1":
+            raise
+        print(f"error: {e}" if env_rank() == 0 else f"[rank {env_rank()}] error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def run_training(config_path: str | None, overrides: list[str]) -> int:
     cfg = load_config(config_path, overrides)
-    out_dir = Path(cfg.train.output_dir)
+    # The run dir is checked, locked and claimed before minutes of target loading (train/run_dir.py).
+    run = open_run(cfg, env_rank(), env_world_size())
+    try:
+        return train_run(cfg, run)
+    finally:
+        run.close()
+
+
+def train_run(cfg: Config, run: Run) -> int:
+    out_dir = run.out_dir
     device = pick_device()
 
     from accelerate.utils import set_seed
@@ -209,9 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     if target is None:
         target = build_target(cfg, device, accelerator)
     partition = partition_report(accelerator, target)
+    same_on_all_ranks(accelerator, run)
     if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / RUN_CONFIG_NAME)
+        run.claim()
+        save_config(cfg, out_dir / RUN_CONFIG_NAME)  # a resume changed safe keys only: this is what runs
     accelerator.wait_for_everyone()
 
     head = build_head(cfg, target)
@@ -221,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     metrics = MetricsWriter(out_dir / "metrics.jsonl", accelerator.is_main_process)
-    state = resume_or_start(accelerator, cfg, out_dir, metrics)
+    state = resume_or_start(accelerator, run.resume_from, run.run_id, metrics)
 
     if cfg.log.backend != "none":
         accelerator.init_trackers(
@@ -246,12 +278,27 @@ def main(argv: list[str] | None = None) -> int:
     final = save_final(accelerator, head, cfg, out_dir, summary)
     print0(f"final weights: {final}")
 
-    post_training(cfg, accelerator, target, tokenizer, final, out_dir, summary, heldout_ds)
+    post_training(cfg, accelerator, target, tokenizer, final, out_dir, summary, heldout_ds, run.run_id)
     accelerator.end_training()
     return 0
 
 
-def post_training(cfg, accelerator, target, tokenizer, final: Path, out_dir: Path, summary: dict, heldout_ds) -> None:
+def same_on_all_ranks(accelerator, run: Run) -> None:
+    """Every rank chose its checkpoint on its own, from the same files: check they agree, and take
+    rank 0's run id (a fresh run's id is drawn on each rank)."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import broadcast_object_list
+
+    mine = [str(run.resume_from), run.run_id]
+    chosen = broadcast_object_list(list(mine), from_process=0)
+    if chosen[0] != mine[0]:
+        raise RuntimeError(f"rank {accelerator.process_index} chose {mine[0]} to resume from, rank 0 {chosen[0]}")
+    run.run_id = chosen[1]  # a fresh run's id is rank 0's
+
+
+def post_training(cfg, accelerator, target, tokenizer, final: Path, out_dir: Path, summary: dict, heldout_ds,
+                  run_id: str) -> None:
     """Evaluate (optional) and export (default on), on rank 0 only, from the saved final weights."""
     if not accelerator.is_main_process:
         return
@@ -269,9 +316,15 @@ def post_training(cfg, accelerator, target, tokenizer, final: Path, out_dir: Pat
             return
         from model.export import export_mtp
 
-        out = Path(cfg.export.out) if cfg.export.out else out_dir / "export"
-        export_mtp(final, cfg.target.path, out, merge=cfg.export.merge, dtype=cfg.export.dtype, force=True,
-                   acceptance_length=acceptance, train_config=to_dict(cfg))
+        out = export_dir(cfg)
+        # export_mtp.py's rule: a non-empty dir is replaced only when this run wrote it (a rerun or
+        # resume of the same run); anything else raises (checked at start too, so this is rare)
+        try:
+            replace = export_is_ours(out, run_id)
+        except ValueError as e:
+            raise ValueError(f"{e} (the trained weights are in {final}: export them with scripts/export_mtp.py)") from None
+        export_mtp(final, cfg.target.path, out, merge=cfg.export.merge, dtype=cfg.export.dtype, force=replace,
+                   acceptance_length=acceptance, train_config=to_dict(cfg), run_id=run_id)
         print0(f"exported mtp.* weights to {out}")
 
 
