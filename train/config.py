@@ -333,6 +333,7 @@ RESUME_FIXED = frozenset({
     "target.path", "target.tokenizer", "target.dtype", "target.attn_implementation", "target.trust_remote_code",
     "head.init", "head.num_steps", "head.step_decay", "head.loss", "head.kl_weight",
     "data.train", "data.limit", "data.holdout", "data.max_length", "data.bucket_multiplier", "data.hidden_states",
+    "data.enable_thinking",  # changes the rendered rows
     "train.micro_batch_size", "train.grad_accum", "train.lr", "train.weight_decay", "train.adam_beta1",
     "train.adam_beta2", "train.warmup_steps", "train.grad_clip", "train.seed",
 })
@@ -343,8 +344,9 @@ RESUME_SAFE = frozenset({
     "train.output_dir", "train.max_steps", "train.resume", "train.save_every", "train.keep_checkpoints",
     "train.log_every",
     "log.backend", "log.project", "log.run_name",
-    "eval.enabled", "eval.prompts", "eval.num_prompts", "eval.max_new_tokens", "eval.steps", "eval.temperature",
-    "eval.batch_size", "eval.min_acceptance_length",
+    "eval.enabled", "eval.prompts", "eval.num_prompts", "eval.max_new_tokens", "eval.steps", "eval.sampling",
+    "eval.temperature", "eval.top_p", "eval.top_k", "eval.min_p", "eval.rejection_sampling",
+    "eval.accept_threshold_single", "eval.accept_threshold_acc", "eval.batch_size", "eval.min_acceptance_length",
     "export.enabled", "export.out", "export.dtype", "export.merge",
 })
 # values that name a local path: compared as resolved paths, so `x.jsonl` and `./x.jsonl` agree
