@@ -29,7 +29,8 @@ import torch
 
 from model.head import MTPHead
 from model.mtp_weights import RUN_CONFIG_NAME, load_mtp_state
-from model.target import FrozenTarget, default_dtype
+from model.fp8 import quantization_of
+from model.target import FrozenTarget, default_dtype, load_target_config, loading_note
 from train.accelerator import make_accelerator
 from train.checkpoint import resume_or_start, save_final
 from train.common import MetricsWriter, pick_device, print0
@@ -50,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
 
 def build_target(cfg: Config, device: torch.device, accelerator=None) -> FrozenTarget:
     dtype = {"auto": default_dtype(device), "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.target.dtype]
+    note = loading_note(quantization_of(load_target_config(cfg.target.path, cfg.target.trust_remote_code)), dtype)
+    if note:  # a block-FP8 target: every path below dequantizes it on load
+        print0(f"target: {note}")
     if cfg.target.partition == "zero3":
         return build_partitioned_target(cfg, device, dtype, accelerator)
     if cfg.data.hidden_states:
@@ -193,6 +197,10 @@ def flat_config(cfg: Config) -> dict:
 def main(argv: list[str] | None = None) -> int:
     config_path, overrides = parse_args(argv)
     cfg = load_config(config_path, overrides)
+    if cfg.export.enabled and (Path(cfg.target.path) / "config.json").is_file():
+        from model.export import plan_export
+
+        plan_export(cfg.target.path, cfg.export.merge, cfg.export.quantize)  # fail now, not after training
     out_dir = Path(cfg.train.output_dir)
     device = pick_device()
 
@@ -270,7 +278,8 @@ def post_training(cfg, accelerator, target, tokenizer, final: Path, out_dir: Pat
         from model.export import export_mtp
 
         out = Path(cfg.export.out) if cfg.export.out else out_dir / "export"
-        export_mtp(final, cfg.target.path, out, merge=cfg.export.merge, dtype=cfg.export.dtype, force=True,
+        export_mtp(final, cfg.target.path, out, merge=cfg.export.merge, dtype=cfg.export.dtype,
+                   quantize=cfg.export.quantize, force=True,
                    acceptance_length=acceptance, train_config=to_dict(cfg))
         print0(f"exported mtp.* weights to {out}")
 
