@@ -1,7 +1,7 @@
 """Write a trained MTP head as SGLang NEXTN draft weights: a draft dir, or a merged target.
 
     python scripts/export_mtp.py --checkpoint runs/tiny/final --target artifacts/tiny-target \
-        --out artifacts/tiny-mtp [--merge] [--dtype bf16|fp16|fp32] [--force]
+        --out artifacts/tiny-mtp [--merge] [--dtype bf16|fp16|fp32] [--quantize fp8] [--force]
 
     export_mtp(checkpoint, target, out)          # what training calls at its end
 
@@ -9,6 +9,13 @@ The names, their checks and the readers are model/mtp_weights.py; this module on
 Everything is loaded and checked before a byte is written (`check_mtp_tensors`: exactly the
 names and shapes SGLang loads, finite values), then the output is built in a temp dir and
 renamed into place (model/atomic.py).
+
+Block-FP8 targets (docs/export.md, "FP8 targets"): SGLang builds the draft's MTP layer from the
+draft dir's own config.json, so that config must say exactly what the tensors are. Default: a
+bf16 draft whose config.json has the target's quantization removed, served with
+`--speculative-draft-model-quantization unquant`. `quantize="fp8"`: the MTP layer's attention and
+experts quantized to the target's block scheme, the target's quantization_config kept (the only
+form `merge` accepts for an FP8 target: a merged dir has one config.json for both).
 
 Plain single-process code: no accelerate, no DeepSpeed.
 """
@@ -30,8 +37,12 @@ import yaml
 from safetensors.torch import save_file
 
 from model.atomic import atomic_dir
-from model.mtp_weights import MTP_PREFIX, RUN_CONFIG_NAME, check_mtp_tensors, head_to_mtp, load_mtp_state
-from model.safetensors_io import INDEX_NAME, SINGLE_WEIGHTS_NAME, header_bytes, read_header, read_index
+from model.fp8 import QUANTIZATION_KEYS, QUANTIZED_WEIGHT, SCALE_SUFFIX, TargetQuantization, quantization_of
+from model.mtp_weights import (
+    MTP_PREFIX, RUN_CONFIG_NAME, SGLANG_ROUTER_MODULE, check_export_quantization, check_mtp_tensors, head_to_mtp,
+    load_mtp_state, quantize_mtp, sglang_router_listed,
+)
+from model.safetensors_io import INDEX_NAME, SINGLE_WEIGHTS_NAME, header_bytes, read_header, read_index, weight_map
 from model.target import SUPPORTED_MODEL_TYPES, load_target_config
 
 EXPORT_INFO_NAME = "export_info.json"
@@ -41,6 +52,7 @@ MERGED_MTP_SHARD_NAME = "model-mtp-{i:05d}-of-{n:05d}.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+QUANTIZE = ("none", "fp8")  # --quantize: none = a plain draft; fp8 = the target's block-FP8 scheme
 # Copied into the draft dir when the target has them; SGLang reads the tokenizer from the target,
 # but a self-describing draft dir is easier to move around and inspect.
 TOKENIZER_FILES = (
@@ -86,10 +98,26 @@ def read_target_config_text(target: Path) -> dict:
     return text
 
 
-def draft_config_text(target_text: dict) -> dict:
+def draft_quantization_config(target_quant: TargetQuantization) -> dict:
+    """An FP8 export's quantization_config: the target's as written (its ignore list names no
+    quantized module of the MTP layer, which SGLang calls `model.layers.0.*` like the target's
+    first layer: `check_export_quantization` verifies it), plus the MTP router when the list
+    does not name it exactly (module docstring of model/mtp_weights.py's quantization section)."""
+    qc = dict(target_quant.config)
+    if not sglang_router_listed(target_quant.not_converted):
+        key = "ignored_layers" if "ignored_layers" in qc and "modules_to_not_convert" not in qc else "modules_to_not_convert"
+        qc[key] = list(qc.get(key) or []) + [SGLANG_ROUTER_MODULE]
+    return qc
+
+
+def draft_config_text(target_text: dict, quantization: dict | None = None) -> dict:
     """The target's config.json with the keys SGLang's NEXTN draft needs added; nothing renamed,
-    the architecture unchanged (SGLang maps Qwen3MoeForCausalLM to its MTP class itself)."""
-    text = dict(target_text)
+    the architecture unchanged (SGLang maps Qwen3MoeForCausalLM to its MTP class itself). The
+    target's quantization keys are removed, and `quantization` (an FP8 export's
+    quantization_config) put in their place when given."""
+    text = {k: v for k, v in target_text.items() if k not in QUANTIZATION_KEYS}
+    if quantization is not None:
+        text["quantization_config"] = quantization
     text["num_nextn_predict_layers"] = 1
     if "num_experts" not in text and "num_local_experts" in text:
         # A target re-saved by transformers 5 says only num_local_experts; SGLang's Qwen3-MoE
@@ -135,8 +163,8 @@ def _nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _write_draft(tmp: Path, target: Path, target_text: dict, tensors: Mapping[str, torch.Tensor], max_shard_bytes: int) -> None:
-    _write_json(tmp / "config.json", draft_config_text(target_text))
+def _write_draft(tmp: Path, target: Path, draft_text: dict, tensors: Mapping[str, torch.Tensor], max_shard_bytes: int) -> None:
+    _write_json(tmp / "config.json", draft_text)
     for name in TOKENIZER_FILES:
         if (target / name).is_file():
             shutil.copy2(target / name, tmp / name)
@@ -200,11 +228,11 @@ def _copy_tree(src: Path, dst: Path, skip: set[str]) -> None:
 
 
 def _write_merged(
-    tmp: Path, target: Path, target_text: dict, tensors: Mapping[str, torch.Tensor], max_shard_bytes: int, plan: _MergePlan
+    tmp: Path, target: Path, draft_text: dict, tensors: Mapping[str, torch.Tensor], max_shard_bytes: int, plan: _MergePlan
 ) -> None:
     # The target's tensors are never opened: its files are linked or copied byte for byte.
     _copy_tree(target, tmp, skip={"config.json", INDEX_NAME, EXPORT_INFO_NAME})
-    _write_json(tmp / "config.json", draft_config_text(target_text))
+    _write_json(tmp / "config.json", draft_text)
     mtp_map = _write_shards(tmp, tensors, max_shard_bytes, MERGED_MTP_NAME, MERGED_MTP_SHARD_NAME)
     index = dict(plan.index)
     index["metadata"] = dict(index.get("metadata", {}), total_size=plan.target_bytes + _nbytes(tensors))
@@ -231,15 +259,67 @@ def _check_out(out: Path, target: Path, checkpoint: Path, force: bool, merge: bo
         raise ValueError(f"--out '{out}' lies inside --target '{target}'; a merged copy must be written outside it")
 
 
-def sglang_command(model_path: str | Path, draft_path: str | Path) -> str:
-    """The SGLang launch command for a target (or merged dir) and a draft dir (docs/export.md)."""
+def sglang_command(model_path: str | Path, draft_path: str | Path, unquantized_draft: bool = False) -> str:
+    """The SGLang launch command for a target (or merged dir) and a draft dir (docs/export.md).
+    `unquantized_draft`: a bf16 draft for a quantized target; the draft would otherwise inherit the
+    target's `--quantization` (or, on sm100, the quantization SGLang reads from the target's config)."""
     model = shlex.quote(str(Path(model_path).resolve()))
     draft = shlex.quote(str(Path(draft_path).resolve()))
+    unquant = " --speculative-draft-model-quantization unquant" if unquantized_draft else ""
     return (
         f"python -m sglang.launch_server --model-path {model} --speculative-algorithm NEXTN "
         f"--speculative-draft-model-path {draft} --speculative-num-steps {SGLANG_SPEC_STEPS} "
-        f"--speculative-eagle-topk 1 --speculative-num-draft-tokens {SGLANG_SPEC_STEPS + 1}"
+        f"--speculative-eagle-topk 1 --speculative-num-draft-tokens {SGLANG_SPEC_STEPS + 1}{unquant}"
     )
+
+
+def _check_fp8_scheme(target: Path) -> None:
+    """--quantize fp8 writes the Qwen3 FP8 releases' scheme for the MTP layer (attention and experts
+    quantized, router, norms and fc bf16); refuse a target whose own layers are quantized otherwise."""
+    names = set(weight_map(target))
+    scaled = {n[: -len(SCALE_SUFFIX)] for n in names if n.endswith(SCALE_SUFFIX)}
+    quantizable = {n for n in names if QUANTIZED_WEIGHT.match(n)}
+    differ = sorted(scaled ^ quantizable)
+    if differ:
+        state = "quantized" if differ[0] in scaled else "not quantized"
+        raise ValueError(
+            f"--quantize fp8 writes the Qwen3 FP8 scheme (attention q/k/v/o and experts block-FP8; router, norms "
+            f"and fc bf16), but --target '{target}' quantizes its layers differently ({differ[0]} is {state}, "
+            f"{len(differ)} such weights); export a bf16 draft (without --quantize) instead"
+        )
+
+
+@dataclass
+class ExportPlan:
+    """What an export will write for a target, decided from its config before any weight is read."""
+
+    target_quantization: TargetQuantization | None  # the target's block-FP8 scheme, None for bf16
+    quantize: bool  # True: the MTP layer's attention and experts block-FP8 (--quantize fp8)
+
+    def draft_quantization(self) -> dict | None:
+        return draft_quantization_config(self.target_quantization) if self.quantize else None
+
+
+def plan_export(target: str | Path, merge: bool = False, quantize: str | None = None) -> ExportPlan:
+    """Check the export settings against the target (train/train_mtp.py calls this before training,
+    so a setting that cannot work fails in seconds, not after the run). ValueError with the fix."""
+    target = Path(target)
+    quantize = quantize or "none"
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize={quantize!r} is not supported; choose one of {QUANTIZE}")
+    quant = quantization_of(read_target_config_text(target))
+    if quantize == "fp8":
+        if quant is None:
+            raise ValueError(f"--quantize fp8 quantizes the MTP layer to the target's block-FP8 scheme, and --target "
+                             f"'{target}' has no quantization_config; export a bf16 draft (without --quantize)")
+        _check_fp8_scheme(target)
+    elif merge and quant is not None:
+        raise ValueError(
+            f"--merge into the block-FP8 target '{target}' needs --quantize fp8: a merged dir has one config.json, and "
+            "with the target's fp8 quantization_config SGLang would build a bf16 MTP layer as FP8 and load it wrongly "
+            "(silently). Pass --quantize fp8, or export a bf16 draft dir (without --merge)"
+        )
+    return ExportPlan(target_quantization=quant, quantize=quantize == "fp8")
 
 
 def _toolkit_version() -> str:
@@ -279,6 +359,7 @@ def export_mtp(
     out: str | Path,
     merge: bool = False,
     dtype: str = "bf16",
+    quantize: str | None = None,
     force: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     acceptance_length: float | None = None,
@@ -290,6 +371,10 @@ def export_mtp(
 
     checkpoint: training `checkpoint-<step>/` or `final/`, an earlier export, or a .safetensors file.
     target: the local Qwen3-MoE dir the head was trained for (its config.json and tokenizer).
+    quantize: None/"none" (every tensor in `dtype`; a block-FP8 target's quantization_config is
+    removed from the draft's config.json) or "fp8" (the MTP layer's attention and experts in the
+    target's block-FP8 scheme from the checkpoint's own precision, the rest in `dtype`; the
+    target's quantization_config kept). `plan_export` says which settings a target accepts.
     Everything is loaded and checked before anything is written; the output is built in a temp
     dir next to `out` and renamed into place. A non-empty `out` needs `force`.
     `train_config` (a dict or dataclass) and `acceptance_length` go into export_info.json; when
@@ -300,19 +385,34 @@ def export_mtp(
     torch_dtype = _parse_dtype(dtype)
     target_text = read_target_config_text(target)
     config = load_target_config(str(target))
+    export_plan = plan_export(target, merge, quantize)
     _check_out(out, target, checkpoint, force, merge)
     plan = _plan_merge(target) if merge else None
 
     state = load_mtp_state(checkpoint, config)
-    # copy=True: per-expert blocks are views into the fused tensors; each must own its storage
-    tensors = {name: t.to(dtype=torch_dtype, copy=True).contiguous() for name, t in head_to_mtp(state).items()}
-    del state
-    check_mtp_tensors(tensors, config, torch_dtype)
+    mtp = head_to_mtp(state)
+    check_mtp_tensors(mtp, config)  # names, shapes and finite values of the source, before any rounding
+    draft_quantization = export_plan.draft_quantization()
+    block = export_plan.target_quantization.block if export_plan.quantize else None
+    if block is not None:  # quantized from the checkpoint's own precision, not from a `dtype` copy
+        mtp = quantize_mtp(mtp, config, block)
+    # fp8 weights and their scales are new tensors already; copy=True for the rest: per-expert
+    # blocks are views into the fused tensors, and each must own its storage
+    scales = [n for n in mtp if n.endswith(SCALE_SUFFIX)]
+    as_stored = set(scales) | {n[: -len(SCALE_SUFFIX)] for n in scales}
+    tensors = {name: t if name in as_stored else t.to(dtype=torch_dtype, copy=True).contiguous()
+               for name, t in mtp.items()}
+    del state, mtp
+    check_mtp_tensors(tensors, config, torch_dtype, block)
+    draft_text = draft_config_text(target_text, draft_quantization)
+    # what SGLang will make of it: config and tensors agree, the ignore list spares the fp8 modules
+    check_export_quantization(draft_text, tensors, config, "the export")
 
     found_config, found_al = _source_metadata(checkpoint)
     if dataclasses.is_dataclass(train_config) and not isinstance(train_config, type):
         train_config = dataclasses.asdict(train_config)
-    command = sglang_command(out if merge else target, out)
+    unquantized_draft = export_plan.target_quantization is not None and not export_plan.quantize
+    command = sglang_command(out if merge else target, out, unquantized_draft=unquantized_draft)
     training_config = train_config if train_config is not None else found_config
     info = {
         "format": "merged-target" if merge else "sglang-nextn-draft",
@@ -321,11 +421,13 @@ def export_mtp(
         "training_config": training_config,
         "acceptance_length": acceptance_length if acceptance_length is not None else found_al,
         "num_tensors": len(tensors),
-        "num_parameters": sum(t.numel() for t in tensors.values()),
+        "num_parameters": sum(t.numel() for name, t in tensors.items() if not name.endswith(SCALE_SUFFIX)),
         "dtype": _dtype_name(torch_dtype),
         # how the training rows were rendered (data.enable_thinking; null = the template's default):
         # the head fits a server that renders requests the same way
         "thinking": ((training_config or {}).get("data") or {}).get("enable_thinking"),
+        "quantization": export_plan.target_quantization.describe() if export_plan.quantize else None,
+        "target_quantization": export_plan.target_quantization.describe() if export_plan.target_quantization else None,
         "sglang_command": command,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "toolkit_version": _toolkit_version(),
@@ -334,8 +436,8 @@ def export_mtp(
 
     with atomic_dir(out) as tmp:  # a crash leaves the old export or the new one, never half
         if merge:
-            _write_merged(tmp, target, target_text, tensors, max_shard_bytes, plan)
+            _write_merged(tmp, target, draft_text, tensors, max_shard_bytes, plan)
         else:
-            _write_draft(tmp, target, target_text, tensors, max_shard_bytes)
+            _write_draft(tmp, target, draft_text, tensors, max_shard_bytes)
         _write_json(tmp / EXPORT_INFO_NAME, info)
     return out

@@ -16,6 +16,11 @@ transformers' in-memory layer fuses them (`mlp.experts.gate_up_proj` [E, 2I, H],
 first; `mlp.experts.down_proj` [E, H, I]). `_fuse_experts` does that conversion; a checkpoint
 that already stores the fused names is taken as is.
 
+Block-FP8 targets (model/fp8.py): a tensor stored as float8_e4m3fn is read with its
+`weight_scale_inv` and dequantized to the compute dtype, exactly as `FrozenTarget.load` does (in
+the Qwen3 FP8 releases that is the last layer's attention and experts; embed_tokens and lm_head
+are bf16 there).
+
 Plain single-device code: no accelerate, no DeepSpeed.
 """
 
@@ -28,6 +33,7 @@ from torch import nn
 from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeDecoderLayer
 
+from model.fp8 import FP8_DTYPE, SCALE_SUFFIX, TargetQuantization, dequantize_tensors, quantization_of, scale_name
 from model.safetensors_io import local_model_dir, read_tensors, weight_map
 from model.target import default_dtype, load_target_config, set_experts_implementation
 
@@ -52,6 +58,21 @@ def _fuse_experts(state: dict[str, torch.Tensor], num_experts: int) -> dict[str,
     except KeyError as exc:
         raise ValueError(f"the target's last layer lacks expert tensor {exc}; is its last layer dense (mlp_only_layers)?") from None
     return out
+
+
+def _read(files: dict[str, Path], names: list[str], device, dtype: torch.dtype,
+          quant: TargetQuantization | None) -> dict[str, torch.Tensor]:
+    """Tensors `names` in `dtype`; an fp8 one is read with its scale and dequantized (module doc)."""
+    if quant is None:
+        tensors = read_tensors(files, names, device)
+        fp8 = sorted(n for n, t in tensors.items() if t.dtype == FP8_DTYPE)
+        if fp8:
+            raise ValueError(f"{fp8[0]} is float8_e4m3fn but the target's config.json has no quantization_config; "
+                             "the checkpoint is incomplete (a block-FP8 config says quant_method fp8 and weight_block_size)")
+        return {n: t.to(dtype) for n, t in tensors.items()}
+    scales = [scale_name(n) for n in names if n.endswith(".weight") and scale_name(n) in files]
+    tensors = dequantize_tensors(read_tensors(files, names + scales, device), quant.block, dtype)
+    return {n: t.to(dtype) for n, t in tensors.items()}
 
 
 # ------------------------------------------------------------------------------ the light target
@@ -103,11 +124,14 @@ def load_shared_weights(
     set_experts_implementation(config, device)
     config._attn_implementation = attn_implementation
     dtype = dtype or default_dtype(device)
+    quant = quantization_of(config)
+    if quant is not None:  # the weights held here are dequantized; the config says so, as FrozenTarget's does
+        del config.quantization_config
     files = weight_map(model_dir)
     tied = LM_HEAD_NAME not in files and getattr(config, "tie_word_embeddings", False)
-    tensors = read_tensors(files, [EMBED_NAME] + ([] if tied else [LM_HEAD_NAME]), device)
-    embed_w = tensors[EMBED_NAME].to(dtype)
-    head_w = embed_w if tied else tensors[LM_HEAD_NAME].to(dtype)
+    tensors = _read(files, [EMBED_NAME] + ([] if tied else [LM_HEAD_NAME]), device, dtype, quant)
+    embed_w = tensors[EMBED_NAME]
+    head_w = embed_w if tied else tensors[LM_HEAD_NAME]
     vocab, hidden = config.vocab_size, config.hidden_size
     for name, w in ((EMBED_NAME, embed_w), (LM_HEAD_NAME, head_w)):
         if tuple(w.shape) != (vocab, hidden):
@@ -117,17 +141,18 @@ def load_shared_weights(
         lm_head = nn.Linear(hidden, vocab, bias=False)
     embed.weight = nn.Parameter(embed_w, requires_grad=False)
     lm_head.weight = nn.Parameter(head_w, requires_grad=False)
-    layer = _load_last_layer(config, files, device, dtype) if last_layer else None
+    layer = _load_last_layer(config, files, device, dtype, quant) if last_layer else None
     return SharedTarget(config, embed, lm_head, layer)
 
 
-def _load_last_layer(config: Qwen3MoeConfig, files: dict[str, Path], device, dtype) -> Qwen3MoeDecoderLayer:
+def _load_last_layer(config: Qwen3MoeConfig, files: dict[str, Path], device, dtype,
+                     quant: TargetQuantization | None) -> Qwen3MoeDecoderLayer:
     idx = config.num_hidden_layers - 1
     prefix = f"model.layers.{idx}."
-    names = [n for n in files if n.startswith(prefix)]
+    names = [n for n in files if n.startswith(prefix) and not n.endswith(SCALE_SUFFIX)]
     if not names:
         raise ValueError(f"the target checkpoint has no {prefix}* tensors")
-    raw = read_tensors(files, names, device)
+    raw = _read(files, names, device, dtype, quant)
     state = _fuse_experts({n[len(prefix):]: t for n, t in raw.items()}, config.num_experts)
     with torch.device("meta"):
         layer = Qwen3MoeDecoderLayer(config, layer_idx=idx)
@@ -136,5 +161,5 @@ def _load_last_layer(config: Qwen3MoeConfig, files: dict[str, Path], device, dty
     if expected != got:
         diff = sorted(set(expected) ^ set(got)) or sorted(k for k in expected if expected[k] != got[k])
         raise ValueError(f"the target's layer {idx} does not match a Qwen3-MoE decoder layer of this config; differs at {diff[:5]}")
-    layer.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    layer.load_state_dict(state, strict=True, assign=True)
     return layer.eval().requires_grad_(False)

@@ -17,6 +17,14 @@ same math, less glue); `lean_experts=False` keeps transformers' path. Two opt-in
   the attention mask: with right padding and causal attention, real positions are unaffected.
 - `compile_layers()`: torch.compile of transformers' decoder layers (one graph shared by all
   layers; compiling takes a while, so it is worth it only for long runs).
+
+Block-FP8 targets (Qwen/Qwen3-*-FP8, recognised from config.json's `quantization_config`,
+model/fp8.py) are dequantized to the compute dtype on load, on CPU and GPU alike
+(`fp8_load_kwargs`: transformers' loader with `FineGrainedFP8Config(dequantize=True)`, after our
+own header checks). Everything downstream (training, evaluation, regeneration, the decode engine
+and its Triton kernels) reads plain bf16/fp32 layer weights, so it runs an FP8 target exactly as
+a bf16 target whose weights are the FP8 values: same step times, the FP8 release's numbers.
+`FrozenTarget.quantization` records what was dequantized.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
 
 from model import fast_moe
+from model.fp8 import TargetQuantization, check_checkpoint, quantization_of
 from model.qwen3_forward import Dims, LayerWeights, decoder_layer, rms_norm, rope_table
 
 SUPPORTED_MODEL_TYPES = ("qwen3_moe",)
@@ -90,6 +99,47 @@ def load_target_config(path_or_id: str, trust_remote_code: bool = False) -> Qwen
     return config
 
 
+def fp8_load_kwargs(path_or_id: str, config) -> dict:
+    """`from_pretrained` keyword arguments for the target's weights: {} for a bf16/fp32 checkpoint;
+    for a block-FP8 one, transformers' `FineGrainedFP8Config(dequantize=True)`, so every weight
+    arrives dequantized in the requested dtype (on a GPU transformers would otherwise build FP8
+    linear layers, which the lean layers, fast_moe and the decode engine cannot read).
+
+    A local checkpoint's headers are checked first (model/fp8.check_checkpoint: scales present
+    and of the block grid's shape). transformers infers each weight's block from the weight and
+    scale shapes, which is right only when a dimension is a whole number of blocks or a single
+    (partial) block; any other ragged weight is refused here instead of being dequantized wrong.
+    """
+    quant = quantization_of(config)
+    if quant is None:
+        return {}
+    local = Path(path_or_id)
+    if (local / "config.json").is_file():
+        from model.safetensors_io import weight_map
+
+        shapes = check_checkpoint(weight_map(local), quant)
+        ragged = [f"{n} {shape}" for n, shape in shapes.items()
+                  if any(d % b and d > b for d, b in zip(shape[-2:], quant.block))]
+        if ragged:
+            raise ValueError(
+                f"target '{path_or_id}': {len(ragged)} fp8 weights are not a whole number of {quant.block[0]}x"
+                f"{quant.block[1]} blocks (e.g. {ragged[0]}); transformers' dequantizing loader would read them with "
+                "the wrong block size. The Qwen3 FP8 releases' dimensions are whole 128x128 blocks; use such a checkpoint"
+            )
+    from transformers import FineGrainedFP8Config
+
+    return {"quantization_config": FineGrainedFP8Config(
+        dequantize=True, weight_block_size=quant.block, modules_to_not_convert=list(quant.not_converted) or None)}
+
+
+def loading_note(quantization: TargetQuantization | None, dtype: torch.dtype) -> str:
+    """One log line saying how the target's weights were loaded ('' for a bf16/fp32 checkpoint)."""
+    if quantization is None:
+        return ""
+    return (f"{quantization.describe()} checkpoint: weights dequantized to {str(dtype).removeprefix('torch.')} on "
+            "load; training, evaluation and the decode engine run the dequantized weights (docs/training.md, FP8 targets)")
+
+
 def default_dtype(device: torch.device | str) -> torch.dtype:
     """bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and tests want exact comparisons)."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -104,6 +154,7 @@ class FrozenTarget(nn.Module):
         self.model = model
         self.model.eval()
         self.model.requires_grad_(False)
+        self.quantization: TargetQuantization | None = None  # set by load() for a block-FP8 checkpoint
         self._lean_layers = None  # (Dims, [LayerWeights]) while use_lean_layers is on
         self._lean_layer_fn = None  # qwen3_forward.decoder_layer, or its torch.compile'd form
         if lean_experts is None:
@@ -170,9 +221,13 @@ class FrozenTarget(nn.Module):
         trust_remote_code: bool = False,
         attn_implementation: str = "sdpa",
     ) -> "FrozenTarget":
+        """The target at `path_or_id` on `device` in `dtype` (default: `default_dtype`); a block-FP8
+        checkpoint is dequantized to `dtype` on load (module docstring, `loading_note`)."""
         config = load_target_config(path_or_id, trust_remote_code)
         set_experts_implementation(config, device)
         dtype = dtype or default_dtype(device)
+        quantization = quantization_of(config)
+        kwargs = fp8_load_kwargs(path_or_id, config)
         try:
             model = Qwen3MoeForCausalLM.from_pretrained(
                 path_or_id,
@@ -180,10 +235,13 @@ class FrozenTarget(nn.Module):
                 dtype=dtype,
                 attn_implementation=attn_implementation,
                 trust_remote_code=trust_remote_code,
+                **kwargs,
             )
         except Exception as exc:
             raise ValueError(f"cannot load the target weights from '{path_or_id}': {exc}") from exc
-        return cls(model.to(device))
+        target = cls(model.to(device))
+        target.quantization = quantization
+        return target
 
     # ------------------------------------------------------------ accessors
     @property

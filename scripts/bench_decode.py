@@ -4,6 +4,8 @@
     python scripts/bench_decode.py --out docs/results/eval_speed.json
     # CPU smoke test of the same code path (torch kernels)
     python scripts/bench_decode.py --config tiny --device cpu --batch-sizes 1,2 --out /tmp/bench.json
+    # an FP8 target as the engine runs it: weights rounded through block-FP8, held dequantized
+    python scripts/bench_decode.py --fp8 --skip-hf --out docs/results/eval_speed_fp8.json
 
 Side by side, in one process, on the same model:
   ours    plain decode step; verify step (target forward over K+1 tokens + acceptance, K=1,3);
@@ -23,6 +25,10 @@ generate(), which includes its prefill of --ctx tokens (small next to --hf-token
 Checks in the same run: each kernels setting's logits against transformers' forward after a
 shared prefill, decode-step vs verify-step logits of the same token (bit equality), and a
 speculative-vs-plain lossless check (T=0).
+--fp8: FrozenTarget.load dequantizes a block-FP8 checkpoint (Qwen3-*-FP8) to bf16, and the engine
+reads those bf16 weights, so an FP8 target's steps are bf16 steps over FP8-representable values.
+This flag builds exactly that (model/fp8.fp8_round_model_ on the random target, 128x128 blocks)
+to show the step times equal the bf16 run's.
 Stages run in priority order and are skipped when --budget-s would be exceeded; a failing
 stage is recorded under "errors" and the rest still run. Prints a markdown table
 (docs/BENCHMARKS.md) and writes every number to --out. scripts/profile_decode.py shows where a
@@ -49,6 +55,7 @@ from model.decode_bench import (
     T_START, build_head, build_target, free_memory, hbm_floor_ms, kernels_check, log, lossless_check, time_steps,
 )
 from model.drafters import MTPDrafter
+from model.fp8 import fp8_round_model_
 from model.engine import Engine, MTPHeadLM, TargetLM, capture_graph
 
 def parse_args(argv=None):
@@ -72,6 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=450.0, help="stop starting stages after this")
     p.add_argument("--bandwidth-tbps", type=float, default=4.3, help="HBM bandwidth for the floor (H200: 4.8 peak, ~4.3 reachable)")
     p.add_argument("--std", type=float, default=0.02, help="std of the random weights")
+    p.add_argument("--fp8", action="store_true",
+                   help="round the target's attention and expert weights through block-FP8 (128x128), as an FP8 "
+                        "checkpoint dequantized on load gives them")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -223,6 +233,10 @@ def main(argv=None) -> int:
 
     log(f"building {a.config} on {device}")
     model = build_target(a.config, a.device, a.std)
+    if a.fp8:
+        n = fp8_round_model_(model, (128, 128))
+        res["fp8"] = {"block": [128, 128], "tensors_rounded": n, "held_as": "bf16 (dequantized on load)"}
+        log(f"fp8: {n} attention/expert tensors rounded through block-FP8, held dequantized")
     cfg = model.config
     head = build_head(model, a.device, a.std)
     res["build_s"] = time.perf_counter() - T_START

@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from data.tokenizer import load_tokenizer
-    from model.target import FrozenTarget, default_dtype
+    from model.target import FrozenTarget, default_dtype, loading_note
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         target = FrozenTarget.load(args.target, device=device, dtype=dtype, attn_implementation=args.attn_implementation)
+        if note := loading_note(target.quantization, dtype):
+            print(note, flush=True)
         tokenizer = load_tokenizer(args.tokenizer or args.target)
         manifest = dump_hidden_states(
             target, tokenizer, target_path=args.target, source=args.data, out=args.out,

@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     from model.evaluate import EvalSettings, evaluate, evaluate_batch_sizes
     from model.mtp_weights import load_head
     from model.report import format_report, save_plot
-    from model.target import FrozenTarget, default_dtype
+    from model.target import FrozenTarget, default_dtype, loading_note
 
     thinking = None if a.thinking is None else a.thinking == "on"
     try:
@@ -143,6 +143,8 @@ def main(argv=None) -> int:
                           threshold_single=a.accept_threshold_single, threshold_acc=a.accept_threshold_acc)
         dtype = default_dtype(a.device)
         target = FrozenTarget.load(a.target, device=a.device, dtype=dtype)
+        if note := loading_note(target.quantization, dtype):
+            print(note, flush=True)
         head = load_head(a.mtp, target.config, a.device, dtype) if a.drafter == "mtp" else None
         tokenizer = load_tokenizer(a.tokenizer or a.target)
         prompts = chat_prompts(a.prompts, tokenizer, limit=a.num_prompts, enable_thinking=thinking)

@@ -1,12 +1,15 @@
 """Export a trained MTP head for SGLang speculative decoding (NEXTN).
 
     python scripts/export_mtp.py --checkpoint runs/tiny/final --target artifacts/tiny-target \
-        --out artifacts/tiny-mtp [--merge] [--dtype bf16|fp16|fp32] [--force]
+        --out artifacts/tiny-mtp [--merge] [--dtype bf16|fp16|fp32] [--quantize none|fp8] [--force]
 
 --checkpoint: a training `checkpoint-<step>/` or `final/` dir, an earlier export, or a
 .safetensors file. Default output: a draft dir for `--speculative-draft-model-path`. With
 --merge: a copy of the target (weights hard-linked) plus an `mtp` shard. Prints the SGLang launch
-command. See docs/export.md.
+command. For a block-FP8 target (Qwen3-*-FP8) the default is a bf16 draft without
+quantization_config, served with `--speculative-draft-model-quantization unquant`; `--quantize fp8`
+quantizes the MTP layer's attention and experts to the target's block scheme instead (needed for
+--merge into an FP8 target). See docs/export.md.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import argparse
 import json
 
 
-from model.export import DEFAULT_MAX_SHARD_BYTES, DTYPES, EXPORT_INFO_NAME, export_mtp
+from model.export import DEFAULT_MAX_SHARD_BYTES, DTYPES, EXPORT_INFO_NAME, QUANTIZE, export_mtp
 from model.mtp_weights import verify_export
 from model.target import load_target_config
 
@@ -28,6 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="output dir (built in a temp dir next to it, then renamed)")
     p.add_argument("--merge", action="store_true", help="write a copy of the target with an added mtp shard instead of a draft dir")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="dtype of the exported tensors (default bf16)")
+    p.add_argument("--quantize", default="none", choices=QUANTIZE,
+                   help="fp8: the MTP layer's attention and experts in the block-FP8 target's scheme, with weight_scale_inv "
+                        "tensors (default none: every tensor in --dtype)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES, help="shard size limit (default 5 GiB)")
     p.add_argument("--acceptance-length", type=float, default=None, help="measured acceptance length, recorded in export_info.json")
@@ -44,11 +50,13 @@ def main(argv: list[str] | None = None) -> None:
             count = verify_export(args.check, load_target_config(args.target))
         except ValueError as exc:
             raise SystemExit(f"error: {exc}") from None
-        print(f"{args.check}: {count} mtp.* tensors, names and shapes match what SGLang loads for {args.target}")
+        print(f"{args.check}: {count} mtp.* tensors, names and shapes match what SGLang loads for {args.target}, "
+              "and config.json's quantization matches the tensors")
         return
     try:
         out = export_mtp(
-            args.checkpoint, args.target, args.out, merge=args.merge, dtype=args.dtype, force=args.force,
+            args.checkpoint, args.target, args.out, merge=args.merge, dtype=args.dtype, quantize=args.quantize,
+            force=args.force,
             max_shard_bytes=args.max_shard_bytes, acceptance_length=args.acceptance_length,
         )
     except ValueError as exc:  # user and input errors: the message says what to fix
@@ -56,7 +64,12 @@ def main(argv: list[str] | None = None) -> None:
     with open(out / EXPORT_INFO_NAME, encoding="utf-8") as f:
         info = json.load(f)
     kind = "merged target" if args.merge else "draft dir"
-    print(f"wrote {kind} {out}: {info['num_tensors']} mtp.* tensors, {info['num_parameters']:,} parameters, {info['dtype']}")
+    quant = f", attention and experts {info['quantization']}" if info["quantization"] else ""
+    print(f"wrote {kind} {out}: {info['num_tensors']} mtp.* tensors, {info['num_parameters']:,} parameters, "
+          f"{info['dtype']}{quant}")
+    if info["target_quantization"] and not info["quantization"]:
+        print(f"the target is {info['target_quantization']}; this draft is {info['dtype']} with no quantization_config, "
+              "so SGLang must not quantize it: the command passes --speculative-draft-model-quantization unquant")
     print("serve with SGLang:")
     print(f"  {info['sglang_command']}")
 

@@ -115,6 +115,10 @@ class ExportConfig:
     out: str | None = None  # default: <output_dir>/export
     dtype: str = "bf16"
     merge: bool = False
+    # none | fp8: fp8 quantizes the MTP layer's attention and experts to a block-FP8 target's scheme
+    # (docs/export.md, FP8 targets); none writes a plain draft (for an FP8 target: bf16, served with
+    # --speculative-draft-model-quantization unquant)
+    quantize: str = "none"
 
 
 @dataclass
@@ -309,6 +313,7 @@ def validate(cfg: Config) -> None:
         "the same process; set eval.enabled=false and evaluate the export with scripts/eval_acceptance.py",
     )
     need(cfg.export.dtype in ("bf16", "fp16", "fp32"), "export.dtype", "must be bf16, fp16 or fp32")
+    need(cfg.export.quantize in ("none", "fp8"), "export.quantize", "must be none or fp8")
 
 
 def to_dict(cfg: Config) -> dict:
@@ -347,7 +352,7 @@ RESUME_SAFE = frozenset({
     "eval.enabled", "eval.prompts", "eval.num_prompts", "eval.max_new_tokens", "eval.steps", "eval.sampling",
     "eval.temperature", "eval.top_p", "eval.top_k", "eval.min_p", "eval.rejection_sampling",
     "eval.accept_threshold_single", "eval.accept_threshold_acc", "eval.batch_size", "eval.min_acceptance_length",
-    "export.enabled", "export.out", "export.dtype", "export.merge",
+    "export.enabled", "export.out", "export.dtype", "export.merge", "export.quantize",
 })
 # values that name a local path: compared as resolved paths, so `x.jsonl` and `./x.jsonl` agree
 _PATH_KEYS = ("target.path", "target.tokenizer", "head.init", "data.train", "data.hidden_states")

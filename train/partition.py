@@ -34,7 +34,7 @@ from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
 
 from model.shared_weights import load_shared_weights
-from model.target import load_target_config, set_experts_implementation
+from model.target import fp8_load_kwargs, load_target_config, set_experts_implementation
 
 PREFETCH_BUCKET_SIZE = 50_000_000  # elements fetched ahead of the running layer
 
@@ -155,12 +155,13 @@ def load_partitioned_target(
                                  attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     config = load_target_config(path, trust_remote_code)
     set_experts_implementation(config, device)
+    fp8 = fp8_load_kwargs(path, config)  # a block-FP8 target is dequantized to `dtype` as it loads
     ds_config = target_zero3_config(micro_batch_size, world_size, bf16=dtype == torch.bfloat16,
                                     hidden_size=config.hidden_size)
     with hf_zero3_loading(ds_config):
         model = Qwen3MoeForCausalLM.from_pretrained(
             path, config=config, dtype=dtype, attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code,
+            trust_remote_code=trust_remote_code, **fp8,
         )
     decoder = model.model
     # the replicated copies above serve the decoder's input and the head; these partitioned

@@ -34,7 +34,8 @@ import torch
 
 from model.head import MTPHead
 from model.mtp_weights import RUN_CONFIG_NAME, load_mtp_state
-from model.target import FrozenTarget, default_dtype
+from model.fp8 import quantization_of
+from model.target import FrozenTarget, default_dtype, load_target_config, loading_note
 from train.accelerator import make_accelerator
 from train.checkpoint import resume_or_start, save_final
 from train.common import MetricsWriter, env_rank, env_world_size, pick_device, print0
@@ -57,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_target(cfg: Config, device: torch.device, accelerator=None) -> FrozenTarget:
     dtype = {"auto": default_dtype(device), "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.target.dtype]
+    note = loading_note(quantization_of(load_target_config(cfg.target.path, cfg.target.trust_remote_code)), dtype)
+    if note:  # a block-FP8 target: every path below dequantizes it on load
+        print0(f"target: {note}")
     if cfg.target.partition == "zero3":
         return build_partitioned_target(cfg, device, dtype, accelerator)
     if cfg.data.hidden_states:
@@ -215,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_training(config_path: str | None, overrides: list[str]) -> int:
     cfg = load_config(config_path, overrides)
+    if cfg.export.enabled and (Path(cfg.target.path) / "config.json").is_file():
+        from model.export import plan_export
+
+        plan_export(cfg.target.path, cfg.export.merge, cfg.export.quantize)  # fail now, not after training
     # The run dir is checked, locked and claimed before minutes of target loading (train/run_dir.py).
     run = open_run(cfg, env_rank(), env_world_size())
     try:
@@ -323,8 +331,9 @@ def post_training(cfg, accelerator, target, tokenizer, final: Path, out_dir: Pat
             replace = export_is_ours(out, run_id)
         except ValueError as e:
             raise ValueError(f"{e} (the trained weights are in {final}: export them with scripts/export_mtp.py)") from None
-        export_mtp(final, cfg.target.path, out, merge=cfg.export.merge, dtype=cfg.export.dtype, force=replace,
-                   acceptance_length=acceptance, train_config=to_dict(cfg), run_id=run_id)
+        export_mtp(final, cfg.target.path, out, merge=cfg.export.merge, dtype=cfg.export.dtype,
+                   quantize=cfg.export.quantize, force=replace, acceptance_length=acceptance,
+                   train_config=to_dict(cfg), run_id=run_id)
         print0(f"exported mtp.* weights to {out}")
 
 
