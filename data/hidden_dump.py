@@ -145,8 +145,20 @@ def free_bytes(path: str | Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _differing_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ; the shard list only when nothing else explains it."""
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _differing_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(prefix + k)
+    return [k for k in keys if k != "shards"] or keys
 
 
 # ------------------------------------------------------------------------------ computing
@@ -313,7 +325,7 @@ def dump_hidden_states(
         plan_file = tmp / PLAN_NAME
         old = json.loads(plan_file.read_text(encoding="utf-8")) if plan_file.is_file() else None
         if old is not None and old != plan:
-            keys = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+            keys = _differing_keys(old, plan)
             error = (f"'{tmp}' holds an unfinished dump with other settings ({', '.join(keys)} differ); re-run with "
                      "the same --target, --data, --limit, --max-length, --shard-tokens, --dtype, --storage and "
                      f"--topk-logits to resume it, or delete '{tmp}' to start over")
@@ -325,12 +337,12 @@ def dump_hidden_states(
             resumed = f", {len(done)} already written in '{tmp}'" if done else ""
             print(f"dump: {len(ds)} rows, {plan['data']['tokens']:,} tokens, {len(shards)} shards{resumed}; "
                   f"h_t {fingerprint['hidden_size']} x {STORAGE_BYTES[storage]} bytes ({storage}) a token; "
-                  f"needs {_gib(need)}{' more' if done else ''} on disk, {_gib(free)} free on '{out.absolute().parent}'",
+                  f"needs {_size(need)}{' more' if done else ''} on disk, {_size(free)} free on '{out.absolute().parent}'",
                   flush=True)
             if disk_check and need > free:
-                error = (f"the dump needs {_gib(need)} but only {_gib(free)} are free on the filesystem of "
+                error = (f"the dump needs {_size(need)} but only {_size(free)} are free on the filesystem of "
                          f"'{out.absolute().parent}'; free space, choose another --out, dump fewer rows (--limit), "
-                         "use --storage fp8 (about a quarter of fp32), or pass --no-disk-check")
+                         "use --storage fp8 (H + 4 bytes a token, half of bf16), or pass --no-disk-check")
     ranks.raise_if(error)
     done = set(ranks.from_rank0(done))
 

@@ -281,7 +281,7 @@ def test_a_killed_dump_resumes_by_shard(hs_dump, hs_target, hs_chats, hs_tokeniz
     assert sorted(p.name for p in tmp.glob("*" + DONE_SUFFIX)) == [f + DONE_SUFFIX for f in written]
 
     # other settings do not mix with the unfinished dump
-    with pytest.raises(ValueError, match=r"unfinished dump with other settings \(.*shard_tokens.*\)"):
+    with pytest.raises(ValueError, match=r"unfinished dump with other settings \(shard_tokens differ\)"):
         dump_hidden_states(target, hs_tokenizer, target_path=hs_target, source=str(hs_chats), out=out,
                            **{**DUMP_SETTINGS, "shard_tokens": 300})
 
@@ -308,10 +308,10 @@ def test_the_disk_need_is_estimated_and_a_dump_that_does_not_fit_is_refused(hs_d
 
     target = FrozenTarget.load(str(hs_target))
     monkeypatch.setattr(hd, "free_bytes", lambda path: est - 1)
-    with pytest.raises(ValueError, match=r"needs 0.00 GiB but only 0.00 GiB are free .*--no-disk-check"):
+    with pytest.raises(ValueError, match=r"needs 0.\d MiB but only 0.\d MiB are free .*--no-disk-check"):
         dump_hidden_states(target, hs_tokenizer, target_path=hs_target, source=str(hs_chats), out=tmp_path / "d",
                            **DUMP_SETTINGS)
-    assert "needs 0.00 GiB on disk" in capsys.readouterr().out  # printed before any forward
+    assert f"needs {est / 2**20:.1f} MiB on disk" in capsys.readouterr().out  # printed before any forward
     assert not (tmp_path / "d").exists()
     dump_hidden_states(target, hs_tokenizer, target_path=hs_target, source=str(hs_chats), out=tmp_path / "d",
                        disk_check=False, **DUMP_SETTINGS)  # the override
@@ -502,3 +502,17 @@ def test_a_dump_killed_with_sigkill_resumes(one_process_dump, hs_target, mp_chat
     p = run(cmd)
     assert f"{done} already written" in p.stdout
     same_dump(out, one_process_dump)
+
+
+@pytest.mark.slow
+def test_storage_benchmark_trains_one_head_per_storage(hs_target, tmp_path):
+    from helpers import run
+
+    report = tmp_path / "report.json"
+    run([sys.executable, str(ROOT / "scripts" / "bench_hidden_storage.py"), "--target", str(hs_target),
+         "--work", str(tmp_path / "work"), "--limit", "40", "--max-length", str(MAX_LENGTH), "--holdout", "4",
+         "--storages", "bf16", "fp8", "--report", str(report), "train.max_steps=2", "train.log_every=1"])
+    runs = json.loads(report.read_text())["runs"]
+    assert [r["storage"] for r in runs] == ["bf16", "fp8_e4m3"] and all(r["steps"] == 2 for r in runs)
+    assert runs[1]["bytes_per_token"] < 0.7 * runs[0]["bytes_per_token"]  # 64 + 4 vs 128 bytes of h_t, + ids and mask
+    assert runs[0]["acceptance_vs_bf16"] == 0 and all(r["heldout_rows"] == 4 for r in runs)
