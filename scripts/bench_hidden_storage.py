@@ -52,6 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _in_repo(path: str) -> str:
+    """A path inside this checkout, relative to it (the report names no local checkout)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else path
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     from data.tokenizer import load_tokenizer
@@ -100,7 +106,7 @@ def main(argv=None) -> int:
         report = {"command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
                   "device": str(device), "dtype": str(dtype).replace("torch.", ""), "target": a.target,
                   "data": {"source": a.data, "limit": a.limit, "max_length": a.max_length, "holdout": a.holdout},
-                  "config": a.config, "overrides": a.overrides, "runs": rows}
+                  "config": _in_repo(a.config), "overrides": a.overrides, "runs": rows}
         atomic_write_text(a.report, json.dumps(report, indent=2) + "\n")
     return 0
 
