@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from data.fingerprints import input_ids_sha256
+from data.fingerprints import input_ids_sha256, sha256_file
 from data.hidden_dump import dump_hidden_states
 from data.hidden_states import MANIFEST_NAME, HiddenStateStore, collate_hidden_states
 from model.shared_weights import load_shared_weights
@@ -82,10 +82,15 @@ def test_dump_rows_match_the_dataset_and_the_target(hs_dump, hs_target, hs_chats
     ds, report = build_chat_dataset(str(hs_chats), hs_tokenizer, MAX_LENGTH)
     store = HiddenStateStore(hs_dump)
     assert len(store) == len(ds) == manifest["data"]["rows"] and len(manifest["shards"]) > 1
-    assert store.lengths == ds["length"] and manifest["dtype"] == "fp32" and manifest["topk"] == 4
+    assert store.lengths == ds["length"] and manifest["dtype"] == manifest["storage"] == "fp32" and manifest["topk"] == 4
+    assert manifest["format_version"] == 1  # bf16/fp32 dumps keep the v1 layout: older readers read them
     assert manifest["data"]["input_ids_sha256"] == input_ids_sha256(ds["input_ids"])
     assert store.skip_report().as_dict() == report.as_dict()
-    assert not [p for p in hs_dump.parent.iterdir() if p.name.startswith(".tmp-")]
+    assert sorted(p.name for p in hs_dump.parent.iterdir()) == ["dump"]  # no temp dir left behind
+    assert sorted(p.name for p in hs_dump.iterdir()) == sorted([MANIFEST_NAME] + [s["file"] for s in manifest["shards"]])
+    for shard in manifest["shards"]:  # each shard's size and checksum are recorded
+        assert shard["bytes"] == (hs_dump / shard["file"]).stat().st_size
+        assert shard["sha256"] == sha256_file(hs_dump / shard["file"])
 
     target = FrozenTarget.load(str(hs_target))
     for i in range(len(store)):
@@ -146,6 +151,8 @@ def test_mismatching_dump_is_refused(hs_dump, hs_target, hs_chats, hs_tokenizer,
 
     with pytest.raises(ValueError, match="data.max_length=32 but the dump used 64"):
         store.check_compatible(hs_target, hs_tokenizer, data_cfg(hs_chats, max_length=32))
+    with pytest.raises(ValueError, match="data.enable_thinking=False but the dump used None"):
+        store.check_compatible(hs_target, hs_tokenizer, {**data_cfg(hs_chats), "enable_thinking": False})
     with pytest.raises(ValueError, match="data.limit=8 but the dump used None"):
         store.check_compatible(hs_target, hs_tokenizer, data_cfg(hs_chats, limit=8))
     other_chats = tmp_path / "other.jsonl"
@@ -238,3 +245,276 @@ def test_offline_training_equals_online(hs_dump, hs_target, hs_chats, tmp_path):
     assert sorted(w_on) == sorted(w_off)
     for k in w_on:
         torch.testing.assert_close(w_off[k], w_on[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+# ------------------------------------------------------------------------------ resume, disk, fp8, errors
+DUMP_SETTINGS = dict(max_length=MAX_LENGTH, batch_size=3, topk=4, shard_tokens=200, progress=False)  # as hs_dump
+
+
+def same_dump(a: Path, b: Path) -> None:
+    """Equal shard files byte for byte and equal manifests apart from the creation time."""
+    ma, mb = (json.loads((d / MANIFEST_NAME).read_text()) for d in (a, b))
+    ma.pop("created"), mb.pop("created")
+    assert ma == mb
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    for shard in ma["shards"]:
+        assert (a / shard["file"]).read_bytes() == (b / shard["file"]).read_bytes(), shard["file"]
+
+
+def test_a_killed_dump_resumes_by_shard(hs_dump, hs_target, hs_chats, hs_tokenizer, tmp_path):
+    from data.hidden_dump import DONE_SUFFIX, RESUME_TAG
+    from model.atomic import temp_path
+
+    target = FrozenTarget.load(str(hs_target))
+    out = tmp_path / "dump"
+    tmp = temp_path(out, RESUME_TAG)
+    n_shards = len(json.loads((hs_dump / MANIFEST_NAME).read_text())["shards"])
+    written = []
+
+    def die_after_two(entry):
+        written.append(entry["file"])
+        if len(written) == 2:
+            raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        dump_hidden_states(target, hs_tokenizer, target_path=hs_target, source=str(hs_chats), out=out,
+                           on_shard=die_after_two, **DUMP_SETTINGS)
+    assert not out.exists() and tmp.is_dir()  # the finished shards are kept for the next run
+    assert sorted(p.name for p in tmp.glob("*" + DONE_SUFFIX)) == [f + DONE_SUFFIX for f in written]
+
+    # other settings do not mix with the unfinished dump
+    with pytest.raises(ValueError, match=r"unfinished dump with other settings \(shard_tokens differ\)"):
+        dump_hidden_states(target, hs_tokenizer, target_path=hs_target, source=str(hs_chats), out=out,
+                           **{**DUMP_SETTINGS, "shard_tokens": 300})
+
+    # a shard damaged after it was written is found by its checksum and written again
+    second = tmp / written[1]
+    second.write_bytes(second.read_bytes()[:-10])
+    again = []
+    with pytest.warns(UserWarning, match=f"{written[1]}' does not match its sidecar"):
+        dump_hidden_states(target, hs_tokenizer, target_path=hs_target, source=str(hs_chats), out=out,
+                           on_shard=lambda e: again.append(e["file"]), **DUMP_SETTINGS)
+    assert written[0] not in again and written[1] in again and len(again) == n_shards - 1
+    assert not tmp.exists()
+    same_dump(out, hs_dump)  # the resumed dump is the uninterrupted one
+
+
+def test_the_disk_need_is_estimated_and_a_dump_that_does_not_fit_is_refused(hs_dump, hs_target, hs_chats, hs_tokenizer,
+                                                                            tmp_path, monkeypatch, capsys):
+    import data.hidden_dump as hd
+
+    manifest = json.loads((hs_dump / MANIFEST_NAME).read_text())
+    est = hd.estimate_bytes(manifest["shards"], 64, "fp32", 4, torch.float32)
+    real = sum(s["bytes"] for s in manifest["shards"])
+    assert real <= est <= 1.05 * real  # close, and never below
+
+    target = FrozenTarget.load(str(hs_target))
+    monkeypatch.setattr(hd, "free_bytes", lambda path: est - 1)
+    with pytest.raises(ValueError, match=r"needs 0.\d MiB but only 0.\d MiB are free .*--no-disk-check"):
+        dump_hidden_states(target, hs_tokenizer, target_path=hs_target, source=str(hs_chats), out=tmp_path / "d",
+                           **DUMP_SETTINGS)
+    assert f"needs {est / 2**20:.1f} MiB on disk" in capsys.readouterr().out  # printed before any forward
+    assert not (tmp_path / "d").exists()
+    dump_hidden_states(target, hs_tokenizer, target_path=hs_target, source=str(hs_chats), out=tmp_path / "d",
+                       disk_check=False, **DUMP_SETTINGS)  # the override
+    same_dump(tmp_path / "d", hs_dump)
+
+
+def test_fp8_storage_is_dequantized_by_the_reader(hs_dump, hs_target, hs_chats, hs_tokenizer, tmp_path):
+    from data.hidden_states import FP8
+
+    target = FrozenTarget.load(str(hs_target))
+    out = tmp_path / "fp8"
+    dump_hidden_states(target, hs_tokenizer, target_path=hs_target, source=str(hs_chats), out=out,
+                       storage=FP8, **DUMP_SETTINGS)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["storage"] == FP8 and manifest["dtype"] == "fp32" and manifest["format_version"] == 2
+    shard = load_file(str(out / manifest["shards"][0]["file"]))
+    assert shard["hidden"].dtype == torch.float8_e4m3fn and shard["hidden_scale"].dtype == torch.float32
+    assert shard["topk_logprobs"].dtype == torch.float32  # only h_t is quantized
+    ref = load_file(str(hs_dump / manifest["shards"][0]["file"]))
+    assert shard["hidden"].nbytes * 4 == ref["hidden"].nbytes
+
+    exact, fp8 = HiddenStateStore(hs_dump), HiddenStateStore(out)
+    for i in range(len(exact)):
+        h, q = exact[i]["hidden"], fp8[i]["hidden"]
+        assert q.dtype == torch.float32 and q.shape == h.shape
+        amax = h.abs().amax(dim=-1, keepdim=True)
+        # e4m3: 3 mantissa bits (relative error <= 2^-4), subnormal steps of 2^-9 x the token's scale
+        assert ((q - h).abs() <= h.abs() * 2**-4 + amax / 448 * 2**-9).all()
+        assert torch.equal(exact[i]["topk_ids"], fp8[i]["topk_ids"])
+    batch = collate_hidden_states([fp8[0], fp8[1]], pad_id=0)
+    assert batch["hidden"].dtype == torch.float32
+
+
+def test_a_v1_manifest_without_storage_or_checksums_still_reads(hs_dump, tmp_path):
+    import shutil
+
+    old = tmp_path / "v1"
+    shutil.copytree(hs_dump, old)
+    manifest = json.loads((old / MANIFEST_NAME).read_text())
+    manifest.pop("storage")
+    for shard in manifest["shards"]:
+        shard.pop("bytes"), shard.pop("sha256")
+    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
+    a, b = HiddenStateStore(hs_dump), HiddenStateStore(old)
+    assert len(a) == len(b) and torch.equal(a[3]["hidden"], b[3]["hidden"])
+
+
+def _edit(dump: Path, dest: Path, edit) -> Path:
+    import shutil
+
+    shutil.copytree(dump, dest)
+    edit(dest, json.loads((dest / MANIFEST_NAME).read_text()))
+    return dest
+
+
+@pytest.mark.parametrize("case, message", [
+    ("not_json", r"manifest.json' is not valid JSON .*re-run scripts/dump_hidden_states.py"),
+    ("cut_short", r"manifest.json' is not valid JSON"),
+    ("no_shards", r"manifest.json' has no 'shards'; the dump was cut short or edited"),
+    ("no_hidden_size", r"manifest.json' has no 'target.hidden_size'"),
+    ("truncated_shard", r"shard-00001.safetensors' is \d+ bytes, the manifest says \d+: the shard is truncated"),
+    ("truncated_v1_shard", r"shard-00001.safetensors' is not a readable safetensors file .*re-run"),
+    ("wrong_rows", r"shard-00000.safetensors' holds \d+ rows, the manifest says \d+"),
+    ("missing_shard", r"shard-00001.safetensors' listed in the manifest is missing"),
+])
+def test_hidden_state_errors_name_the_file_and_the_fix(hs_dump, tmp_path, case, message):
+    def edit(d: Path, m: dict):
+        text = json.dumps(m, indent=2)
+        shard1 = d / "shard-00001.safetensors"
+        if case == "not_json":
+            (d / MANIFEST_NAME).write_text("{'format': 1}")
+        elif case == "cut_short":
+            (d / MANIFEST_NAME).write_text(text[: len(text) // 2])
+        elif case in ("no_shards", "no_hidden_size"):
+            del (m if case == "no_shards" else m["target"])["shards" if case == "no_shards" else "hidden_size"]
+            (d / MANIFEST_NAME).write_text(json.dumps(m))
+        elif case in ("truncated_shard", "truncated_v1_shard"):
+            shard1.write_bytes(shard1.read_bytes()[: shard1.stat().st_size // 2])
+            if case == "truncated_v1_shard":  # a dump without recorded sizes: safetensors finds it
+                for s in m["shards"]:
+                    s.pop("bytes")
+                (d / MANIFEST_NAME).write_text(json.dumps(m))
+        elif case == "wrong_rows":
+            m["shards"][0]["row_end"] += 1
+            m["shards"][1]["row_start"] += 1
+            (d / MANIFEST_NAME).write_text(json.dumps(m))
+        elif case == "missing_shard":
+            shard1.unlink()
+
+    bad = _edit(hs_dump, tmp_path / case, edit)
+    with pytest.raises(ValueError, match=message) as exc:
+        HiddenStateStore(bad)
+    assert str(bad) in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_dump_script_prints_one_error_line(hs_dump, hs_target, hs_chats, tmp_path, capsys, monkeypatch):
+    from helpers import load_script
+
+    script = load_script("dump_hidden_states")
+    base = ["--target", str(hs_target), "--data", str(hs_chats), "--max-length", str(MAX_LENGTH), "--device", "cpu"]
+    cases = [  # (arguments, the error line, found before the target loads)
+        (["--out", str(hs_dump)], f"error: '{hs_dump}' exists; pass --force", True),
+        (["--out", str(tmp_path / "x"), "--target", str(tmp_path / "nope")], "error: --target", True),
+        (["--out", str(tmp_path / "x"), "--data", str(tmp_path / "none.jsonl")], f"error: {tmp_path / 'none.jsonl'} does not", False),
+    ]
+    monkeypatch.delenv("MTP_DEBUG", raising=False)
+    for extra, start, early in cases:
+        assert script.main(base + extra) == 1
+        err = capsys.readouterr().err.strip()  # (progress bars of the target's loading may come first)
+        assert err.splitlines()[-1].startswith(start) and "Traceback" not in err, err
+        assert ("Loading weights" not in err) == early, err
+    monkeypatch.setenv("MTP_DEBUG", "1")  # the traceback on request
+    with pytest.raises(ValueError, match="exists"):
+        script.main(base + ["--out", str(hs_dump)])
+    monkeypatch.delenv("MTP_DEBUG")
+    with pytest.raises(ValueError, match="exists"):
+        script.main(base + ["--out", str(hs_dump), "--debug"])
+
+
+# ------------------------------------------------------------------------------ across processes (slow)
+@pytest.fixture(scope="module")
+def mp_chats(tmp_path_factory) -> Path:
+    from data.sharegpt import write_sharegpt_jsonl
+
+    out = tmp_path_factory.mktemp("mp_chats") / "chats.jsonl"
+    write_sharegpt_jsonl(out, limit=48)
+    return out
+
+
+def _dump_cmd(target, chats, out) -> list[str]:
+    return ["--target", str(target), "--data", str(chats), "--out", str(out), "--max-length", str(MAX_LENGTH),
+            "--batch-size", "3", "--topk-logits", "2", "--shard-tokens", "150", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def one_process_dump(hs_target, mp_chats, tmp_path_factory) -> Path:
+    from helpers import run
+
+    out = tmp_path_factory.mktemp("one_process") / "dump"
+    run([sys.executable, str(ROOT / "scripts" / "dump_hidden_states.py")] + _dump_cmd(hs_target, mp_chats, out))
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_dump_equals_the_one_process_dump(one_process_dump, hs_target, mp_chats, tmp_path):
+    from helpers import LAUNCH, run
+
+    out = tmp_path / "dump"
+    p = run(LAUNCH + ["--multi_gpu", "--num_processes", "2", "--main_process_port", str(_free_port()),
+                      str(ROOT / "scripts" / "dump_hidden_states.py")] + _dump_cmd(hs_target, mp_chats, out), timeout=600)
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    n = len(manifest["shards"])
+    assert n >= 4 and p.stdout.count(f"wrote {out}") == 1  # rank 0 reports the dump
+    for rank in (0, 1):  # each rank ran the target on its half of the shards
+        assert f"rank {rank}: wrote {len(range(rank, n, 2))} of {n} shards" in p.stdout
+    same_dump(out, one_process_dump)
+
+
+@pytest.mark.slow
+def test_a_dump_killed_with_sigkill_resumes(one_process_dump, hs_target, mp_chats, tmp_path):
+    import signal
+    import time
+
+    from data.hidden_dump import DONE_SUFFIX, RESUME_TAG
+    from helpers import env, run
+    from model.atomic import temp_path
+
+    out = tmp_path / "dump"
+    tmp = temp_path(out, RESUME_TAG)
+    cmd = [sys.executable, str(ROOT / "scripts" / "dump_hidden_states.py")] + _dump_cmd(hs_target, mp_chats, out)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(tmp.glob("*" + DONE_SUFFIX)) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    n_shards = len(json.loads((one_process_dump / MANIFEST_NAME).read_text())["shards"])
+    done = len(list(tmp.glob("*" + DONE_SUFFIX)))
+    assert not out.exists() and 1 <= done < n_shards, "the dump was not killed mid-way"
+    p = run(cmd)
+    assert f"{done} already written" in p.stdout
+    same_dump(out, one_process_dump)
+
+
+@pytest.mark.slow
+def test_storage_benchmark_trains_one_head_per_storage(hs_target, tmp_path):
+    from helpers import run
+
+    report = tmp_path / "report.json"
+    run([sys.executable, str(ROOT / "scripts" / "bench_hidden_storage.py"), "--target", str(hs_target),
+         "--work", str(tmp_path / "work"), "--limit", "40", "--max-length", str(MAX_LENGTH), "--holdout", "4",
+         "--storages", "bf16", "fp8", "--report", str(report), "train.max_steps=2", "train.log_every=1"])
+    runs = json.loads(report.read_text())["runs"]
+    assert [r["storage"] for r in runs] == ["bf16", "fp8_e4m3"] and all(r["steps"] == 2 for r in runs)
+    assert runs[1]["bytes_per_token"] < 0.7 * runs[0]["bytes_per_token"]  # 64 + 4 vs 128 bytes of h_t, + ids and mask
+    assert runs[0]["acceptance_vs_bf16"] == 0 and all(r["heldout_rows"] == 4 for r in runs)
