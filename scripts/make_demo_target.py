@@ -4,7 +4,7 @@
     python scripts/make_demo_target.py --prepare-data artifacts/study_inputs/sharegpt.jsonl.gz
     # one H200, about 8 minutes in all
     python scripts/make_demo_target.py --out artifacts/study/target \
-        --data artifacts/study_inputs/sharegpt.jsonl.gz --mt-bench data/mt_bench/question.jsonl
+        --data artifacts/study_inputs/sharegpt.jsonl.gz
     # CPU, under a minute: the same code path with a tiny model (tests)
     python scripts/make_demo_target.py --out /tmp/demo --smoke
 
@@ -40,9 +40,10 @@ def parse_args(argv=None):
     p.add_argument("--aux-loss-coef", type=float, default=0.01)
     p.add_argument("--loss-chunk", type=int, default=8192, help="tokens per chunk of the vocabulary projection")
     p.add_argument("--holdout", type=int, default=200, help="conversations held out for the held-out loss")
-    p.add_argument("--mt-bench", default=None, help="MT-Bench questions .jsonl for the diversity check")
-    p.add_argument("--diversity-prompts", type=int, default=16)
-    p.add_argument("--diversity-tokens", type=int, default=128)
+    p.add_argument("--mt-bench", default="mt-bench",
+                   help="prompts of the greedy diversity/loop check (default: the shipped MT-Bench questions)")
+    p.add_argument("--diversity-prompts", type=int, default=80)
+    p.add_argument("--diversity-tokens", type=int, default=256)
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (not measured yet)")
     p.add_argument("--config-overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="Qwen3MoeConfig fields, e.g. hidden_size=640 num_hidden_layers=10")
