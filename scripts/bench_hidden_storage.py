@@ -39,9 +39,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target", required=True, help="local Qwen3-MoE model dir")
     p.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"), help="training config of the runs")
     p.add_argument("--data", default="sharegpt-package", help="chat source (data.train)")
-    p.add_argument("--limit", type=int, default=600, help="data.limit (default 600)")
+    p.add_argument("--limit", type=lambda v: None if v in ("null", "none") else int(v), default=600,
+                   help="data.limit (default 600; null = all rows)")
     p.add_argument("--max-length", type=int, default=128, help="data.max_length (default 128)")
     p.add_argument("--holdout", type=int, default=64, help="data.holdout: rows of the held-out metrics (default 64)")
+    p.add_argument("--thinking", choices=["on", "off"], default=None,
+                   help="data.enable_thinking of the dumps and the runs (default: the chat template's own)")
     p.add_argument("--storages", nargs="+", default=["fp32", "bf16", "fp8"], choices=sorted(STORAGE_NAMES))
     p.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)], help="compute dtype of the dumps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
@@ -66,6 +69,7 @@ def main(argv=None) -> int:
     device = torch.device(a.device)
     dtype = default_dtype(device) if a.dtype == "auto" else DTYPES[a.dtype]
     work = Path(a.work)
+    thinking = None if a.thinking is None else a.thinking == "on"
     target = FrozenTarget.load(a.target, device=device, dtype=dtype)
     tokenizer = load_tokenizer(a.target)
     rows = []
@@ -73,12 +77,14 @@ def main(argv=None) -> int:
         dump, run = work / f"dump-{name}", work / f"run-{name}"
         t0 = time.perf_counter()
         manifest = dump_hidden_states(target, tokenizer, target_path=a.target, source=a.data, out=dump,
-                                      max_length=a.max_length, limit=a.limit, batch_size=a.batch_size, dtype=dtype,
+                                      max_length=a.max_length, limit=a.limit, enable_thinking=thinking,
+                                      batch_size=a.batch_size, dtype=dtype,
                                       storage=STORAGE_NAMES[name], force=True, progress=False)
         dump_s = time.perf_counter() - t0
         shutil.rmtree(run, ignore_errors=True)  # a fresh run each time
         cmd = [sys.executable, str(ROOT / "train" / "train_mtp.py"), "--config", a.config,
-               f"target.path={a.target}", f"data.train={a.data}", f"data.limit={a.limit}", f"data.max_length={a.max_length}",
+               f"target.path={a.target}", f"data.train={a.data}", f"data.limit={'null' if a.limit is None else a.limit}",
+               f"data.max_length={a.max_length}", f"data.enable_thinking={'null' if thinking is None else str(thinking).lower()}",
                f"data.holdout={a.holdout}", f"data.hidden_states={dump}", "eval.enabled=false", "export.enabled=false",
                "train.resume=none", f"train.output_dir={run}", *a.overrides]
         print(f"[{name}] dump {dump_s:.0f} s; training: {' '.join(cmd)}", flush=True)
@@ -105,7 +111,8 @@ def main(argv=None) -> int:
     if a.report:
         report = {"command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
                   "device": str(device), "dtype": str(dtype).replace("torch.", ""), "target": a.target,
-                  "data": {"source": a.data, "limit": a.limit, "max_length": a.max_length, "holdout": a.holdout},
+                  "data": {"source": _in_repo(a.data), "limit": a.limit, "max_length": a.max_length, "holdout": a.holdout,
+                           "enable_thinking": thinking},
                   "config": _in_repo(a.config), "overrides": a.overrides, "runs": rows}
         atomic_write_text(a.report, json.dumps(report, indent=2) + "\n")
     return 0

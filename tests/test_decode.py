@@ -469,3 +469,28 @@ def test_target_only_accepts_no_more_than_rejection_sampling_here(tiny):
                              max_new_tokens=10, seed=seed, baseline=False)
             al[kind] = evaluate(model, head, None, prompts, s, eos_ids=[], progress=False)["acceptance_length"]
         assert al["target_only"] <= al["rejection"], (seed, al)
+
+
+# ------------------------------------------------------------------ on a GPU (skipped on CPU)
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_gpu_sampling_rules_run_in_cuda_graphs(kernels):
+    """bf16 on CUDA with CUDA graphs: greedy speculative output equals plain output, and both
+    verification rules run with top-k/top-p filters inside the captured step."""
+    from model.configs import build_random_target
+
+    device = torch.device("cuda")
+    model = build_random_target("small", seed=0).to(device=device, dtype=torch.bfloat16).eval()
+    head = MTPHead(model.config)
+    head.init_random(seed=1)
+    head.to(device=device, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 151643, (n,), generator=gen).tolist() for n in (17, 40, 5, 64)]
+    base = dict(steps=3, batch_size=4, max_new_tokens=24, kernels=kernels)
+    rep = evaluate(model, head, None, prompts, EvalSettings(**base), eos_ids=[], progress=False)
+    assert rep["lossless"] is True, rep["lossless_mismatches"]
+    sp = SamplingParams(temperature=0.7, top_p=0.8, top_k=20)
+    for kind in VERIFY_RULES:
+        rep = evaluate(model, head, None, prompts, EvalSettings(sampling=sp, verify=VerifyRule(kind), **base),
+                       eos_ids=[], progress=False)
+        assert 1.0 <= rep["acceptance_length"] <= 4.0 and rep["generated_tokens"] == 4 * 24
