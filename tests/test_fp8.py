@@ -360,10 +360,11 @@ def test_validation_refuses_config_and_tensors_that_disagree(trained, fp8_dir, t
 def test_eval_of_the_fp8_export_equals_the_rounded_head(trained, fp8_dir, tmp_path, qwen3_tokenizer, capsys):
     """eval_acceptance.py on the FP8 export gives exactly the acceptance (and sampled tokens) of the
     trained head with its weights rounded through FP8 the same way, evaluated in process. Sampled
-    (T=1), because every accept decision then depends on the draft's probabilities: the unrounded
-    head gives other numbers, so the comparison can fail. (At T=0 this barely trained head drafts
-    nothing the tiny target accepts.)"""
+    (T=1) with p/q rejection sampling, because every accept decision then depends on the draft's
+    probabilities: the unrounded head gives other numbers, so the comparison can fail. (At T=0
+    this barely trained head drafts nothing the tiny target accepts.)"""
     from data.chat import chat_prompts
+    from model.acceptance import SamplingParams, VerifyRule
     from model.evaluate import EvalSettings, evaluate
     from model.head import MTPHead
 
@@ -372,7 +373,7 @@ def test_eval_of_the_fp8_export_equals_the_rounded_head(trained, fp8_dir, tmp_pa
     load_script("eval_acceptance").main([
         "--target", str(fp8_dir), "--mtp", str(out / "export"), "--prompts", "sharegpt-package", "--num-prompts", "8",
         "--device", "cpu", "--steps", "2", "--max-new-tokens", "16", "--batch-size", "4", "--temperature", "1",
-        "--no-baseline", "--report", str(report)])
+        "--rejection-sampling", "--no-baseline", "--report", str(report)])
     from_export = json.loads(report.read_text())
     assert "checkpoint: weights dequantized to float32 on load" in capsys.readouterr().out
 
@@ -384,7 +385,8 @@ def test_eval_of_the_fp8_export_equals_the_rounded_head(trained, fp8_dir, tmp_pa
         head = MTPHead(target.config)
         head.load_state_dict(state)
         rep = evaluate(target, head.eval(), qwen3_tokenizer, prompts, EvalSettings(
-            steps=2, max_new_tokens=16, batch_size=4, temperature=1.0, baseline=False), progress=False)
+            steps=2, max_new_tokens=16, batch_size=4, sampling=SamplingParams(temperature=1.0),
+            verify=VerifyRule("rejection"), baseline=False), progress=False)
         return rep["acceptance_length"], [(p["output_token_ids"], p["accept_histogram"]) for p in rep["per_prompt"]]
 
     # the same rounding in process: attention and experts through FP8, the rest through bf16 (export.dtype)
