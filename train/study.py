@@ -109,7 +109,7 @@ def phase_data(a, W: Path) -> None:
             continue
         src = D / ("orig_heldout.jsonl" if name == "heldout" else "orig_train_all.jsonl")
         run([sys.executable, "scripts/regenerate_data.py", "--data", str(src), "--out", str(out),
-             "--report", str(D / f"regen_{name}_report.json"), *common])
+             "--report", str(D / f"regen_{name}_report.json"), *common, *(["--force"] if a.force else [])])
     held = read_jsonl(D / "regen_heldout.jsonl")
     regen = read_jsonl(D / "regen_train.jsonl")
     # original data: the same conversations that survived regeneration, original assistant text
