@@ -5,6 +5,7 @@
     python scripts/acceptance_study.py --phase train --train-tokens 25000000 --train-budget-s 420
     python scripts/acceptance_study.py --phase eval --eval-budget-s 300
     python scripts/acceptance_study.py --phase all --smoke --work /tmp/study     # CPU, minutes
+    python scripts/acceptance_study.py --phase markdown    # docs/BENCHMARKS.md's tables from --results
 
 What each phase does: train/study.py; what the results hold: train/study_results.py.
 """
@@ -12,15 +13,18 @@ What each phase does: train/study.py; what the results hold: train/study_results
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from train.study import DEFAULT_HEADS, HEADS, run_study
+from train.study_results import markdown
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--phase", required=True, choices=["target", "data", "train", "eval", "all"])
+    p.add_argument("--phase", required=True, choices=["target", "data", "train", "eval", "all", "markdown"],
+                   help="markdown: print the tables of an existing --results file and exit")
     p.add_argument("--work", default="artifacts/study", help="state dir (keep it under an ignored path)")
     p.add_argument("--data", default="artifacts/study_inputs/sharegpt.jsonl.gz", help="ShareGPT .jsonl(.gz) for the target")
     p.add_argument("--mt-bench", default="data/mt_bench/question.jsonl")
@@ -71,6 +75,9 @@ def parse_args(argv=None):
         a.num_train, a.max_new_tokens, a.max_length, a.regen_batch_size = 12, 40, 256, 8
         a.train_tokens, a.train_batch_size, a.train_lr, a.curve_points = 1500, 2, 1e-3, 3
         a.heldout_prompts, a.eval_batch_size, a.mt_bench_prompts, a.ks = 3, 4, 3, [1, 3]
+        for name in ("train_budget_s", "eval_budget_s"):  # a busy CPU must not cut the smoke run short
+            if getattr(a, name) == p.get_default(name):
+                setattr(a, name, 3600.0)
     elif a.mt_bench and not Path(a.mt_bench).is_file():
         p.error(f"--mt-bench {a.mt_bench}: no such file (the toolkit ships data/mt_bench/question.jsonl)")
     return a
@@ -78,6 +85,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.phase == "markdown":
+        print(markdown(json.loads(Path(a.results).read_text(encoding="utf-8"))), end="")
+        return 0
     run_study(a, command=" ".join(["python scripts/acceptance_study.py", *(sys.argv[1:] if argv is None else argv)]))
     return 0
 

@@ -15,7 +15,8 @@ import pytest
 from helpers import ROOT, load_script
 from model.acceptance import VerifyRule
 from train.study import DEFAULT_HEADS, eval_plan, row_key, study_samplings, train_plan
-from train.study_results import goals, loop_numbers, markdown, projection
+from train.config import load_config, save_config
+from train.study_results import drafter_text, goals, head_info, loop_numbers, markdown, projection
 
 MT_BENCH = ROOT / "data" / "mt_bench" / "question.jsonl"
 STEP_TIMES = ROOT / "docs" / "results" / "eval_speed.json"
@@ -112,12 +113,38 @@ def test_train_plan_turns_tokens_into_steps(tmp_path):
     assert train_plan(a, tmp_path, "k3-ce-last-orig")["mean_length"] == 650.0
 
 
+def test_a_head_stopped_by_the_budget_reports_its_checkpoint(tmp_path):
+    """head_info reads what ran: the run's config.yaml, the newest checkpoint's state (no final/),
+    the plan file and the held-out records of metrics.jsonl."""
+    run = tmp_path / "heads" / "k3-ce-random-regen"
+    for step in (4, 12):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        (run / f"checkpoint-{step}" / "trainer_state.json").write_text(
+            json.dumps({"step": step, "tokens_seen": 1000 * step, "train_seconds": 2.0 * step}))
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["head.num_steps=3", "head.init=random", "train.max_steps=20",
+                                                   "train.heldout_every=4", f"data.train={tmp_path}/train_regen.jsonl"])
+    save_config(cfg, run / "config.yaml")
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 4, "loss": 1.0}, {"kind": "heldout", "step": 4, "tokens_seen": 4000, "heldout_loss": 2.0,
+                                   "heldout_acc": [0.5, 0.4, 0.3], "heldout_simulated_acceptance_length": 1.76}]))
+    (tmp_path / "heads" / "k3-ce-random-regen.plan.json").write_text(json.dumps(
+        {"train_tokens": 25000, "mean_length": 600.0, "planned_tokens": 26400}))
+    h = head_info(tmp_path, "k3-ce-random-regen")
+    assert not h["finished"] and (h["steps"], h["max_steps"], h["tokens_seen"]) == (12, 20, 12000)
+    assert (h["k"], h["init"], h["data"], h["heldout_every"]) == (3, "random", "regen", 4)
+    assert h["planned_tokens"] == 26400 and h["train_tokens_requested"] == 25000
+    assert [p["step"] for p in h["curve"]] == [4] and h["curve"][0]["tokens_seen"] == 4000
+    assert h["heldout_simulated_acceptance_length"] is None  # no final held-out pass
+    assert "stopped at step 12/20" in drafter_text({"drafter": "mtp", "head": "k3-ce-random-regen"},
+                                                   {"k3-ce-random-regen": h})
+
+
 @pytest.mark.slow
 def test_acceptance_study_smoke(tmp_path):
     work = tmp_path / "study"
     cmd = [sys.executable, "scripts/acceptance_study.py", "--phase", "all", "--smoke", "--work", str(work),
            "--mt-bench", str(MT_BENCH)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for phase in ("target", "data", "train", "eval"):
         assert f"phase {phase}: " in proc.stdout  # each phase's wall time is printed
@@ -206,12 +233,37 @@ def test_acceptance_study_smoke(tmp_path):
     for phase, says in (("data", "exists"), ("train", "done"), ("eval", "wrote")):
         again = subprocess.run([sys.executable, "scripts/acceptance_study.py", "--phase", phase, "--smoke", "--work",
                                 str(work), "--mt-bench", str(MT_BENCH)], cwd=ROOT, capture_output=True, text=True,
-                               timeout=300)
+                               timeout=900)
         assert again.returncode == 0 and says in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
         lines = again.stdout.splitlines()
-        assert not any(line.startswith(("+ ", "eval: ngram")) for line in lines)  # nothing launched or evaluated
+        assert not any(line.startswith(("+ ", "eval: ngram", "eval: mtp")) for line in lines)  # nothing ran
     assert len((work / "eval" / "rows.jsonl").read_text().splitlines()) == n_rows
     assert json.loads((work / "acceptance_study.json").read_text())["rows"] == res["rows"]
+    again = subprocess.run([sys.executable, "scripts/acceptance_study.py", "--phase", "markdown", "--results",
+                            str(work / "acceptance_study.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout == md
+
+    # a spent budget leaves the last (least important) rows missing, and says so; a rerun adds them,
+    # and redoes a row whose head was evaluated from other weights (a checkpoint, before training went on)
+    rows_file = work / "eval" / "rows.jsonl"
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert all(r["prompts"] == "sharegpt_heldout" and r["sampling_name"] == "recommended" for r in rows[-2:])
+    assert all(r["weights"] == (None if r["drafter"] == "ngram" else str(work / "heads" / r["head"].split("@")[0] / "final"))
+               for r in rows)
+    stale = next(r for r in rows if r["drafter"] == "mtp")
+    stale["weights"] = str(work / "heads" / stale["head"] / "checkpoint-4")
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows[:-2]))
+    eval_cmd = [sys.executable, "scripts/acceptance_study.py", "--phase", "eval", "--smoke", "--work", str(work),
+                "--mt-bench", str(MT_BENCH)]
+    subprocess.run(eval_cmd + ["--eval-budget-s", "0"], cwd=ROOT, check=True, capture_output=True, timeout=900)
+    part = json.loads((work / "acceptance_study.json").read_text())
+    assert not part["complete"] and part["rows_done"] == n_rows - 2 and "Incomplete" in markdown(part)
+    again = subprocess.run(eval_cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=900)
+    redone = [line for line in again.stdout.splitlines() if line.startswith(("eval: ngram", "eval: mtp"))]
+    assert len(redone) == 3 and stale["head"] in redone[0], redone
+    full = json.loads((work / "acceptance_study.json").read_text())
+    assert full["complete"] and {row_key(r) for r in full["rows"]} == {row_key(r) for r in res["rows"]}
+    assert all(r["weights"] != stale["weights"] for r in full["rows"])
 
 
 def test_study_refuses_a_missing_mt_bench_file(tmp_path, capsys):

@@ -280,6 +280,12 @@ def eval_row(item: dict, tlm, head, tok, prompts, samplings, a, eos, outputs: bo
     return row
 
 
+def head_weights(W: Path, r: dict) -> str | None:
+    """The weights a row's head is evaluated from (its final/ or newest checkpoint; the FP8 rows
+    export the same), None for n-gram."""
+    return str(head_dir(W, r["head"].split("@")[0])) if r["drafter"] == "mtp" else None
+
+
 def eval_prompts(a, W: Path, tok) -> dict[str, list[dict]]:
     """The prompt sets, rendered as served with thinking off (as the target was trained and the
     data regenerated): MT-Bench first turns; the held-out ShareGPT conversations' messages
@@ -302,8 +308,10 @@ def fp8_item(a, W: Path, best: str, tok, prompts, samplings, device, eos, write)
     F = W / "fp8"
     target_fp8 = F / "target"
     t0 = time.perf_counter()
-    if not (target_fp8 / "config.json").exists():
-        quantize_checkpoint(W / "target", target_fp8, tuple(a.fp8_block))
+    made = (target_fp8 / "config.json").exists() and (json.loads((target_fp8 / "config.json").read_text())
+                                                       ["quantization_config"]["weight_block_size"] == list(a.fp8_block))
+    if not made:  # (re)made when absent or of another block size
+        quantize_checkpoint(W / "target", target_fp8, tuple(a.fp8_block), force=True)
     drafts = {}
     for kind in ("bf16", "fp8"):
         drafts[kind] = export_mtp(head_dir(W, best), target_fp8, F / f"draft-{kind}", force=True,
@@ -347,6 +355,7 @@ def phase_eval(a, W: Path) -> None:
     t0 = time.perf_counter()
     with open(rows_path, "a", encoding="utf-8") as out:
         def write(row):
+            row["weights"] = head_weights(W, row)
             out.write(json.dumps(row) + "\n")
             out.flush()
             done[row_key(row)] = row
@@ -363,7 +372,8 @@ def phase_eval(a, W: Path) -> None:
                 todo = fp8_rows(best) if best else []
             else:
                 todo = [item]
-            if all(row_key(r) in done for r in todo):
+            # a row of a head evaluated from other weights (a checkpoint, before training went on) is redone
+            if all(row_key(r) in done and done[row_key(r)].get("weights") == head_weights(W, r) for r in todo):
                 continue
             if time.perf_counter() - t0 > a.eval_budget_s:
                 print("eval: budget spent; rerun --phase eval to continue (the results below lack the rest)")

@@ -274,7 +274,7 @@ def write_results(a, W: Path, rows: list[dict], eos, planned_rows: int, sampling
                    acceptance_length=ref["acceptance_length"] if ref else None)
     fp8_info = json.loads((W / "fp8" / "fp8_info.json").read_text()) if (W / "fp8" / "fp8_info.json").exists() else None
     fp8 = None
-    if fp8_info:
+    if fp8_info and any(r["target"] == "fp8" for r in rows):
         b = fp8_info["best_head"]
         ref = find_row(rows, "mtp", b, FP8_PROMPTS, FP8_SAMPLING, FP8_K)
         al = {"bf16_target_bf16_head": ref["acceptance_length"] if ref else None}
