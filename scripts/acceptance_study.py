@@ -1,61 +1,83 @@
 """The acceptance study on real text: demo target -> regenerated data -> heads -> evaluation.
 
     python scripts/acceptance_study.py --phase target --data artifacts/study_inputs/sharegpt.jsonl.gz
-    python scripts/acceptance_study.py --phase data
-    python scripts/acceptance_study.py --phase train
-    python scripts/acceptance_study.py --phase eval
+    python scripts/acceptance_study.py --phase data --num-train 4000
+    python scripts/acceptance_study.py --phase train --train-tokens 25000000 --train-budget-s 420
+    python scripts/acceptance_study.py --phase eval --eval-budget-s 300
     python scripts/acceptance_study.py --phase all --smoke --work /tmp/study     # CPU, minutes
+    python scripts/acceptance_study.py --phase markdown    # docs/BENCHMARKS.md's tables from --results
 
-What each phase does and how long it takes: train/study.py.
+What each phase does: train/study.py; what the results hold: train/study_results.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-from train.study import HEADS, run_study
+from train.study import DEFAULT_HEADS, HEADS, run_study
+from train.study_results import markdown
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--phase", required=True, choices=["target", "data", "train", "eval", "all"])
+    p.add_argument("--phase", required=True, choices=["target", "data", "train", "eval", "all", "markdown"],
+                   help="markdown: print the tables of an existing --results file and exit")
     p.add_argument("--work", default="artifacts/study", help="state dir (keep it under an ignored path)")
     p.add_argument("--data", default="artifacts/study_inputs/sharegpt.jsonl.gz", help="ShareGPT .jsonl(.gz) for the target")
     p.add_argument("--mt-bench", default="data/mt_bench/question.jsonl")
-    p.add_argument("--results", default="docs/results/acceptance_study.json")
+    p.add_argument("--results", default="docs/results/acceptance_study.json",
+                   help="results JSON; the training curve goes next to it as <name>_curve.png")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="redo a phase's finished outputs")
+    p.add_argument("--force", action="store_true", help="redo the target or data phase's finished outputs")
     p.add_argument("--target-budget-s", type=float, default=400.0)
     p.add_argument("--num-train", type=int, default=4000, help="training conversations to regenerate")
     p.add_argument("--max-new-tokens", type=int, default=256, help="regeneration and evaluation")
     p.add_argument("--max-length", type=int, default=1024, help="tokens per conversation (regeneration and training)")
     p.add_argument("--regen-batch-size", type=int, default=128)
-    p.add_argument("--heads", nargs="*", default=list(HEADS), choices=list(HEADS))
-    p.add_argument("--train-steps", type=int, default=400)
-    p.add_argument("--train-batch-size", type=int, default=16)
+    p.add_argument("--heads", nargs="*", default=list(DEFAULT_HEADS), choices=list(HEADS),
+                   help=f"heads to train and evaluate (default {' '.join(DEFAULT_HEADS)})")
+    p.add_argument("--train-tokens", type=int, default=25_000_000,
+                   help="training tokens per head: train.max_steps = ceil(this / (batch x mean row length))")
+    p.add_argument("--train-batch-size", type=int, default=32, help="rows per optimizer step (one process per head)")
     p.add_argument("--train-lr", type=float, default=1e-3)
-    p.add_argument("--train-budget-s", type=float, default=480.0)
+    p.add_argument("--curve-points", type=int, default=10, help="held-out evaluations per head (the training curve)")
+    p.add_argument("--train-budget-s", type=float, default=480.0, help="then SIGTERM: the heads checkpoint; a rerun resumes")
     p.add_argument("--heldout-prompts", type=int, default=100)
     p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--eval-budget-s", type=float, default=480.0)
+    p.add_argument("--eval-budget-s", type=float, default=300.0, help="no new evaluation starts after this")
     p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3], help="draft steps K to evaluate")
-    p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     p.add_argument("--mt-bench-prompts", type=int, default=None, help="first N MT-Bench questions (default all 80)")
+    p.add_argument("--fp8-block", type=int, nargs=2, default=[128, 128], metavar=("ROWS", "COLS"),
+                   help="block of the FP8 copy of the target (scripts/make_fp8_target.py --block)")
+    p.add_argument("--step-times", default="docs/results/eval_speed.json",
+                   help="scripts/bench_decode.py results at the real shape, for the projection")
+    p.add_argument("--projection-batches", type=int, nargs="+", default=[1, 8, 16])
     p.add_argument("--smoke", action="store_true",
-                   help="the whole study in minutes on a CPU: tiny target, a few rows, two heads (tests)")
+                   help="the whole study in minutes on a CPU: tiny target, a few rows, the default heads (tests)")
     a = p.parse_args(argv)
+    for name in ("num_train", "max_new_tokens", "max_length", "regen_batch_size", "train_tokens", "train_batch_size",
+                 "curve_points", "heldout_prompts", "eval_batch_size"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if min(a.ks) < 1 or min(a.fp8_block) < 1 or min(a.projection_batches) < 1:
+        p.error("--ks, --fp8-block and --projection-batches take positive integers")
+    if not a.heads:
+        p.error("--heads needs at least one head")
     if a.smoke:
         a.data = "sharegpt-package" if a.data == p.get_default("data") else a.data
         a.results = str(Path(a.work) / "acceptance_study.json") if a.results == p.get_default("results") else a.results
         if a.mt_bench and not Path(a.mt_bench).is_file():
             a.mt_bench = None
-        a.num_train, a.max_new_tokens, a.max_length, a.regen_batch_size = 12, 12, 128, 8
-        a.train_steps, a.train_batch_size, a.train_lr = 4, 2, 1e-3
+        # 40 new tokens: longer than model/diversity.py's 32-token loop window, so loops are detected
+        a.num_train, a.max_new_tokens, a.max_length, a.regen_batch_size = 12, 40, 256, 8
+        a.train_tokens, a.train_batch_size, a.train_lr, a.curve_points = 1500, 2, 1e-3, 3
         a.heldout_prompts, a.eval_batch_size, a.mt_bench_prompts, a.ks = 3, 4, 3, [1, 3]
-        if a.heads == p.get_default("heads"):
-            a.heads = ["k1-ce-last-regen", "k3-ce-last-orig"]
+        for name in ("train_budget_s", "eval_budget_s"):  # a busy CPU must not cut the smoke run short
+            if getattr(a, name) == p.get_default(name):
+                setattr(a, name, 3600.0)
     elif a.mt_bench and not Path(a.mt_bench).is_file():
         p.error(f"--mt-bench {a.mt_bench}: no such file (the toolkit ships data/mt_bench/question.jsonl)")
     return a
@@ -63,6 +85,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.phase == "markdown":
+        print(markdown(json.loads(Path(a.results).read_text(encoding="utf-8"))), end="")
+        return 0
     run_study(a, command=" ".join(["python scripts/acceptance_study.py", *(sys.argv[1:] if argv is None else argv)]))
     return 0
 

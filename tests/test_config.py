@@ -38,6 +38,7 @@ def test_overrides_are_typed():
     ("eval.min_p=1.5", "eval.min_p"),
     ("eval.sampling=server", "eval.sampling"),
     ("data.enable_thinking=maybe", "data.enable_thinking"),
+    ("train.heldout_every=-1", "train.heldout_every"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):

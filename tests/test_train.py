@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import LAUNCH, ROOT, TRAIN, base_overrides, env, run, train_records
+from helpers import LAUNCH, ROOT, TRAIN, base_overrides, env, metrics, run, train_records
+from train.common import MetricsWriter
 
 
 def mean(xs):
@@ -47,6 +48,34 @@ def test_single_process_run_writes_metrics_checkpoints_and_final(tiny_target_dir
     assert "fc.weight" in weights and not any("lm_head" in k or "embed_tokens" in k for k in weights)
     summary = json.loads((final / "metrics.json").read_text())
     assert "heldout_simulated_acceptance_length" in summary
+
+
+def test_heldout_every_writes_a_training_curve(tiny_target_dir, chat_jsonl, tmp_path):
+    out = tmp_path / "run"
+    run(TRAIN + base_overrides(tiny_target_dir, chat_jsonl, out, **{
+        "train.heldout_every": 3, "data.holdout": 4, "train.log_every": 4}))
+    recs = metrics(out)
+    held = [r for r in recs if r.get("kind") == "heldout"]
+    # steps 3 and 6 periodically, 8 (the last) by the final evaluation only
+    assert [r["step"] for r in held] == [3, 6, 8]
+    train = {r["step"]: r for r in train_records(out)}
+    for r in held:
+        assert {"heldout_loss", "heldout_acc", "heldout_simulated_acceptance_length", "heldout_rows"} <= set(r)
+        assert r["heldout_rows"] == 4 and len(r["heldout_acc"]) == 2
+        # a held-out step closes the logging window: tokens_seen is the training record's of that step
+        assert r["tokens_seen"] == train[r["step"]]["tokens_seen"] > 0
+    assert sorted(train) == [3, 4, 6, 8]
+    assert held[-1]["heldout_loss"] == json.loads((out / "final" / "metrics.json").read_text())["heldout_loss"]
+
+
+def test_resume_keeps_heldout_records_up_to_its_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    recs = [{"step": 1, "loss": 1.0}, {"kind": "heldout", "step": 2, "heldout_loss": 2.0}, {"step": 2, "loss": 0.9},
+            {"step": 3, "loss": 0.8}, {"kind": "heldout", "step": 4, "heldout_loss": 1.5}, {"kind": "other", "step": 1}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"step": 5, "lo')  # a line cut by a crash
+    MetricsWriter(path, enabled=True).truncate_after(2)
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    assert kept == recs[:3]
 
 
 @pytest.mark.slow

@@ -49,7 +49,8 @@ class MetricsWriter:
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records logged after the checkpoint we resume from, so the file
-        reads as if the run never stopped."""
+        reads as if the run never stopped: training records and periodic held-out records
+        (`kind` "heldout", written before the checkpoint of their step) at steps <= `step` stay."""
         if not self.enabled or not self.path.exists():
             return
         keep = []
@@ -62,7 +63,7 @@ class MetricsWriter:
                     rec = json.loads(line)
                 except json.JSONDecodeError:  # a line cut by a crash
                     continue
-                if rec.get("step", 0) <= step and rec.get("kind", "train") == "train":
+                if rec.get("step", 0) <= step and rec.get("kind", "train") in ("train", "heldout"):
                     keep.append(line)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")

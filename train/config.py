@@ -79,6 +79,9 @@ class TrainConfig:
     save_every: int = 500  # optimizer steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 2
     log_every: int = 10
+    # optimizer steps between held-out evaluations written to metrics.jsonl (a training curve);
+    # 0 = only at the end. Needs data.holdout > 0 to do anything.
+    heldout_every: int = 0
 
 
 @dataclass
@@ -287,6 +290,7 @@ def validate(cfg: Config) -> None:
     need(cfg.train.save_every >= 0, "train.save_every", "must be >= 0")
     need(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     need(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
+    need(cfg.train.heldout_every >= 0, "train.heldout_every", "must be >= 0 (0 = held-out metrics only at the end)")
     need(bool(cfg.train.resume), "train.resume", "must be auto, none or a checkpoint path")
     need(cfg.log.backend in ("wandb", "tensorboard", "none"), "log.backend", "must be wandb, tensorboard or none")
     need(cfg.eval.steps >= 1, "eval.steps", "must be >= 1")
@@ -347,7 +351,7 @@ RESUME_SAFE = frozenset({
     "head.loss_chunk_size", "head.activation_checkpointing",  # memory/speed, same loss
     "data.num_proc",
     "train.output_dir", "train.max_steps", "train.resume", "train.save_every", "train.keep_checkpoints",
-    "train.log_every",
+    "train.log_every", "train.heldout_every",
     "log.backend", "log.project", "log.run_name",
     "eval.enabled", "eval.prompts", "eval.num_prompts", "eval.max_new_tokens", "eval.steps", "eval.sampling",
     "eval.temperature", "eval.top_p", "eval.top_k", "eval.min_p", "eval.rejection_sampling",

@@ -1,7 +1,11 @@
 """The training loop: batches, the loss of one batch, optimizer steps, logging, held-out metrics.
 
     finished = train_loop(cfg, accelerator, target, head, optimizer, scheduler, train_ds, sampler,
-                          state, out_dir, metrics, pad_id)      # False when stopped by a signal
+                          state, out_dir, metrics, pad_id, heldout_ds)   # False when stopped by a signal
+
+Every `train.heldout_every` steps (but not at the last, which train_mtp.py's final evaluation
+covers) the held-out metrics are computed on all ranks and written to metrics.jsonl as a
+{"kind": "heldout", "step", "tokens_seen", ...} record: the training curve.
 
 Label shift lives in model/loss.py only. SIGTERM/SIGINT finish the current optimizer step,
 save a checkpoint (train/checkpoint.py) and return; every rank stops at the same step.
@@ -78,7 +82,8 @@ def loss_for_batch(cfg: Config, target: Target, head, batch: dict, device: torch
     ), int(attn.sum())
 
 
-def train_loop(cfg, accelerator, target, head, optimizer, scheduler, train_ds, sampler, state, out_dir, metrics, pad_id):
+def train_loop(cfg, accelerator, target, head, optimizer, scheduler, train_ds, sampler, state, out_dir, metrics, pad_id,
+               heldout_ds=None):
     device = target.device
     K = cfg.head.num_steps
     stop = StopFlag()
@@ -107,13 +112,24 @@ def train_loop(cfg, accelerator, target, head, optimizer, scheduler, train_ds, s
         bar.update(1)
 
         last = state.step == cfg.train.max_steps
-        if state.step % cfg.train.log_every == 0 or last:
+        every = cfg.train.heldout_every
+        heldout_due = bool(every) and state.step % every == 0 and not last and heldout_ds is not None
+        # a held-out step closes the logging window too, so its record's tokens_seen is exact
+        if state.step % cfg.train.log_every == 0 or last or heldout_due:
             rec = log_window(accelerator, win, state, scheduler, K)
             metrics.write(rec)
             accelerator.log({k: v for k, v in rec.items() if k != "acc"} | {f"acc_{j + 1}": a for j, a in enumerate(rec["acc"])}, step=state.step)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", sim_al=f"{rec['simulated_acceptance_length']:.2f}")
             win.update(loss=torch.zeros((), device=device), n=0, correct=torch.zeros(K, device=device),
                        count=torch.zeros(K, device=device), tokens=0, t0=time.perf_counter())
+
+        if heldout_due:
+            # before a checkpoint of the same step, so a run resumed from it keeps this record
+            heldout = evaluate_heldout(cfg, accelerator, target, head, heldout_ds, pad_id)
+            if heldout:
+                metrics.write(heldout_record(state, heldout))
+                bar.set_postfix(heldout_sim_al=f"{heldout['heldout_simulated_acceptance_length']:.2f}")
+            win["t0"] = time.perf_counter()  # the evaluation is not training time (tokens_per_s)
 
         # a signal during the last step just lets the run finish (final/ and export follow)
         stop_now = not last and agree_on_stop(accelerator, stop.requested, device)
@@ -159,6 +175,11 @@ def log_window(accelerator, win, state: TrainerState, scheduler, K: int) -> dict
         "epoch": state.epoch,
         **({"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}),
     }
+
+
+def heldout_record(state: TrainerState, heldout: dict) -> dict:
+    """The metrics.jsonl line of one held-out evaluation (periodic or final)."""
+    return {"kind": "heldout", "step": state.step, "tokens_seen": state.tokens_seen, **heldout}
 
 
 @torch.no_grad()

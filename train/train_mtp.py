@@ -40,7 +40,7 @@ from train.accelerator import make_accelerator
 from train.checkpoint import resume_or_start, save_final
 from train.common import MetricsWriter, env_rank, env_world_size, pick_device, print0
 from train.config import Config, load_config, save_config, to_dict
-from train.loop import evaluate_heldout, train_loop
+from train.loop import evaluate_heldout, heldout_record, train_loop
 from train.partition import gathered
 from train.run_dir import Run, export_dir, export_is_ours, open_run
 
@@ -268,7 +268,8 @@ def train_run(cfg: Config, run: Run) -> int:
             cfg.log.project, config=flat_config(cfg),
             init_kwargs={"wandb": {"name": cfg.log.run_name, "dir": str(out_dir)}} if cfg.log.backend == "wandb" else {},
         )
-    finished = train_loop(cfg, accelerator, target, head, optimizer, scheduler, train_ds, sampler, state, out_dir, metrics, pad_id)
+    finished = train_loop(cfg, accelerator, target, head, optimizer, scheduler, train_ds, sampler, state, out_dir, metrics,
+                          pad_id, heldout_ds)
     if not finished:
         accelerator.end_training()
         return 0
@@ -278,7 +279,7 @@ def train_run(cfg: Config, run: Run) -> int:
     heldout = evaluate_heldout(cfg, accelerator, target, head, heldout_ds, pad_id)
     if heldout:
         summary.update(heldout)
-        metrics.write({"kind": "heldout", "step": state.step, **heldout})
+        metrics.write(heldout_record(state, heldout))
         print0(f"held-out: loss {heldout['heldout_loss']:.4f}, acc {[round(a, 3) for a in heldout['heldout_acc']]}, "
                f"simulated acceptance length {heldout['heldout_simulated_acceptance_length']:.3f}")
     if torch.cuda.is_available():
