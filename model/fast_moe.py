@@ -48,6 +48,25 @@ def sort_pairs(idx_Nk: torch.Tensor, num_experts: int):
     return perm_M, offs_E
 
 
+class _GatherRows(torch.autograd.Function):
+    """rows = x[index] whose backward is a gather as well, by `back` (no index_add atomics): each
+    row of x is read by `group` consecutive entries of back, whose gradients are summed."""
+
+    @staticmethod
+    def forward(ctx, x, index, back, group: int):
+        ctx.save_for_backward(back)
+        ctx.group, ctx.rows = group, x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (back,) = ctx.saved_tensors
+        g = grad.index_select(0, back)
+        if ctx.group > 1:
+            g = g.view(ctx.rows, ctx.group, -1).sum(1)
+        return g, None, None, None
+
+
 def experts_grouped(x_NH, idx_Nk, w_Nk, gate_up_E2IH, down_EHI, inplace: bool = True):
     """sum_j w[n, j] * expert_{idx[n, j]}(x[n]) for every token n, [N, H] in x's dtype.
 
@@ -56,7 +75,13 @@ def experts_grouped(x_NH, idx_Nk, w_Nk, gate_up_E2IH, down_EHI, inplace: bool = 
     N, k = idx_Nk.shape
     E, two_I, _ = gate_up_E2IH.shape
     perm_M, offs_E = sort_pairs(idx_Nk, E)
-    x_MH = x_NH.index_select(0, perm_M // k)
+    # inverse permutation: sorted row of pair p
+    inv_M = torch.empty_like(perm_M)
+    inv_M[perm_M] = torch.arange(perm_M.numel(), device=perm_M.device)
+    if inplace:
+        x_MH = x_NH.index_select(0, perm_M // k)
+    else:  # training: token n's k sorted rows are inv[n*k : n*k+k], so backward gathers and sums them
+        x_MH = _GatherRows.apply(x_NH, perm_M // k, inv_M, k)
     w_M1 = w_Nk.reshape(-1).index_select(0, perm_M).to(x_NH.dtype)[:, None]
     h_M2I = grouped_mm(x_MH, gate_up_E2IH.transpose(1, 2), offs_E)
     gate_MI, up_MI = h_M2I.split(two_I // 2, dim=-1)
@@ -65,10 +90,8 @@ def experts_grouped(x_NH, idx_Nk, w_Nk, gate_up_E2IH, down_EHI, inplace: bool = 
     else:
         act_MI = F.silu(gate_MI) * up_MI * w_M1
     y_MH = grouped_mm(act_MI, down_EHI.transpose(1, 2), offs_E)
-    # inverse permutation: sorted row of pair p
-    inv_M = torch.empty_like(perm_M)
-    inv_M[perm_M] = torch.arange(perm_M.numel(), device=perm_M.device)
-    return y_MH.index_select(0, inv_M).view(N, k, -1).sum(1)
+    y_PH = y_MH.index_select(0, inv_M) if inplace else _GatherRows.apply(y_MH, inv_M, perm_M, 1)  # pair order
+    return y_PH.view(N, k, -1).sum(1)
 
 
 def _is_fused_experts(module: nn.Module) -> bool:

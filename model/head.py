@@ -74,6 +74,18 @@ class MTPHead(nn.Module):
         # RoPE tables are buffers (non-persistent), never exported
         self.rotary_emb = Qwen3MoeRotaryEmbedding(cfg)
         self.activation_checkpointing = False  # set by train/ (head.activation_checkpointing)
+        self._compiled_body = None  # compile_step(): torch.compile of _body for training steps
+
+    def compile_step(self, enable: bool = True, **compile_kwargs) -> None:
+        """Opt-in (`head.compile`): run the training step's body (fuse, decoder layer, norm) through
+        torch.compile, so its elementwise glue (norms, RoPE, routing, the expert activation) fuses
+        in forward and backward. Decoding with a cache keeps the eager path. `dynamic` defaults to
+        None (automatic dynamic shapes: a second sequence length recompiles once, then no more)."""
+        if not enable:
+            self._compiled_body = None
+            return
+        compile_kwargs.setdefault("dynamic", None)
+        self._compiled_body = torch.compile(self._body, **compile_kwargs)
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
@@ -148,6 +160,11 @@ class MTPHead(nn.Module):
         return outs
 
     def _step(self, embeds_BTH, hidden_BTH, position_ids_BT, attention_mask, cache) -> torch.Tensor:
+        if self._compiled_body is not None and cache is None and attention_mask is None:
+            return self._compiled_body(embeds_BTH, hidden_BTH, position_ids_BT)
+        return self._body(embeds_BTH, hidden_BTH, position_ids_BT, attention_mask, cache)
+
+    def _body(self, embeds_BTH, hidden_BTH, position_ids_BT, attention_mask=None, cache=None) -> torch.Tensor:
         z = self.fuse(embeds_BTH, hidden_BTH)
         pos_emb = self.rotary_emb(z, position_ids_BT)
         kwargs = {}

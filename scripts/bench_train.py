@@ -22,17 +22,24 @@ tokens (default 4 x 2048), one after the other in the same process:
   online_lean  `online` with FrozenTarget.use_lean_layers(): the target runs model/qwen3_forward.py's
            decoder-layer forward (no KV cache), not transformers' layers;
   online_compiled  (--compile-target) `online` + FrozenTarget.compile_layers();
+  online_compiled_all / offline_compiled  (--compile-head) `online_compiled` / `offline` with the
+           head's step compiled too (MTPHead.compile_step, the trainer's head.compile=true);
   offline / offline_old  `online` / `online_old`'s loss with the hidden states given in the batch
            (data.hidden_states): no target forward; measured after the target's decoder layers are
            freed, so its peak memory is that of an offline run (embed_tokens + lm_head + head +
-           optimizer + activations).
+           optimizer + activations). The batch is on the GPU before the step starts, as the
+           trainer's prefetcher (train/loop.py) copies the next batch during the current step.
 
 The JSON summary keeps its earlier keys (naive_tok_s, online_tok_s, offline_tok_s, peak_gib per
 variant) and adds online_old_tok_s, online_lean_tok_s, offline_old_tok_s (and
 online_compiled_tok_s), and <variant>_over_naive ratios; `online_tok_s` is the trainer's current
 step, so compare it with online_old_tok_s for this change.
 
-for loss in ce, ce+kl and k in 1, 3. No DeepSpeed: the head keeps fp32 weights and runs under
+for loss in ce, ce+kl and k in 1, 3. Every variant is checked against the naive step in the same
+run: from the same initial head weights, its first step's loss and head gradients are compared with
+the naive step's (relative loss difference, relative L2 error and cosine of the gradients; the naive
+step scores the same positions, so the objectives are equal and only bf16 rounding differs).
+No DeepSpeed: the head keeps fp32 weights and runs under
 bf16 autocast (accelerate's single-GPU mixed precision). Breakdown per step from CUDA events:
 target forward, head forward+backward including the loss, optimizer (clip + AdamW + zero_grad).
 The FLOP floor counts 2 x active params x tokens (+ causal attention) for the target forward,
@@ -61,23 +68,16 @@ from model.fast_moe import use_head_experts
 from model.head import MTPHead
 from model.loss import step_weights
 from model.shared_weights import SharedTarget
-from model.target import FrozenTarget, default_dtype
+from model.target import FrozenTarget, avoid_cudnn_attention, default_dtype
 from train.config import config_from_dict
 from train.loop import loss_for_batch
 from train.train_mtp import build_optimizer
 
 
-def profile_step(target, head, batch, device, args, marks_ref, top: int = 25) -> None:
-    """One `online` ce k=1 step (lean experts, transformers layers) under torch.profiler: where the
-    time goes, as a table of CUDA kernels by total time."""
+def profile_step(name: str, step, marks_ref, device, top: int = 25) -> None:
+    """One step of a variant under torch.profiler: its CUDA kernels by total time, largest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    target.use_lean_experts(True)
-    target.use_lean_layers(False)
-    cfg = config_from_dict({"head": {"num_steps": 1, "loss": "ce", "loss_chunk_size": args.chunk_size},
-                            "train": {"lr": 1e-4, "warmup_steps": 0, "max_steps": 10**6}})
-    optimizer, scheduler = build_optimizer(cfg, head, device)
-    step = functools.partial(our_step, cfg, target, head, optimizer, scheduler, batch, device)
     def one():
         marks_ref[0] = Marks(device)
         step(marks_ref[0])
@@ -88,15 +88,15 @@ def profile_step(target, head, batch, device, args, marks_ref, top: int = 25) ->
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         one()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70))
-    del optimizer, scheduler, step
-    head.zero_grad(set_to_none=True)
+    print(f"# profile of one {name} step")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70), flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="qwen3-30b-a3b", choices=sorted(NAMED))
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--layers", type=int, default=None, help="target decoder layers (default: the config's)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--warmup", type=int, default=2)
@@ -109,8 +109,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--skip-old", action="store_true", help="skip online_old and offline_old")
     p.add_argument("--compile-target", action="store_true", help="also time online with compiled target layers")
-    p.add_argument("--profile", action="store_true",
-                   help="print the CUDA kernels of one `online` ce k=1 step (torch.profiler), largest first")
+    p.add_argument("--compile-head", action="store_true",
+                   help="also time online_compiled_all (target and head compiled) and offline_compiled (head compiled)")
+    p.add_argument("--profile", nargs="?", const="online", default="",
+                   help="comma-separated variants whose ce k=1 step is profiled (torch.profiler's CUDA kernels, "
+                        "largest first); the flag alone profiles `online`")
     p.add_argument("--peak-tflops", type=float, default=801.0)
     p.add_argument("--out", default=None, help="write the results as JSON")
     return p.parse_args(argv)
@@ -162,10 +165,11 @@ def autocast(device: torch.device):
 
 
 # ----------------------------------------------------------------------------- building
-def build_target(name: str, device: torch.device, dtype: torch.dtype) -> tuple[FrozenTarget, str]:
+def build_target(name: str, device: torch.device, dtype: torch.dtype, layers: int | None = None) -> tuple[FrozenTarget, str]:
     """Random target built in place on `device` (transformers' init, unit-variance logits).
     Returns it and transformers' default experts implementation for this config."""
-    model = build_random_target(name, seed=0, device=device, dtype=dtype)
+    overrides = {} if layers is None else {"num_hidden_layers": layers}
+    model = build_random_target(name, seed=0, device=device, dtype=dtype, **overrides)
     model.config._attn_implementation = "sdpa"
     default_impl = model.config._experts_implementation  # what from_pretrained/plain init resolves to
     return FrozenTarget(model, lean_experts=False), default_impl
@@ -198,8 +202,9 @@ def make_batch(vocab: int, B: int, T: int, mask_frac: float) -> dict:
 
 
 # ----------------------------------------------------------------------------- steps
-def naive_step(target, head, optimizer, batch, device, num_steps: int, loss_type: str, marks: Marks) -> None:
-    """Plain transformers target forward, full fp32 logits over all tokens, no chunking."""
+def naive_loss(target, head, batch, device, num_steps: int, loss_type: str, marks: Marks) -> torch.Tensor:
+    """Plain transformers target forward, full fp32 logits over all tokens, no chunking. Scores the
+    positions our loss scores (step j+1 from q = j on), so both compute the same objective."""
     ids = batch["input_ids"].to(device)
     attn = batch["attention_mask"].to(device)
     B, T = ids.shape
@@ -211,25 +216,40 @@ def naive_step(target, head, optimizer, batch, device, num_steps: int, loss_type
     with autocast(device):
         with torch.no_grad():
             embeds = target.embed_tokens(ids[:, 1:]).float()  # e(x_{q+1}) [B, L, H]
-            logp_t = None
+            p_t = None
             if loss_type != "ce":  # the target's distribution for x_{q+2}: softmax(lm_head(h_{q+1})) [B, L-1, V]
-                logp_t = F.log_softmax(target.lm_head(hidden[:, 1:L]).float(), dim=-1)
+                p_t = F.softmax(target.lm_head(hidden[:, 1:L]).float(), dim=-1)
+                neg_entropy_BL = torch.special.xlogy(p_t, p_t).sum(-1)  # sum_v q log q per position
         h0 = hidden[:, :L].float()
-        labels = ids[:, 2:].reshape(-1)
+        labels_BL = ids[:, 2:].masked_fill(batch["loss_mask"].to(device)[:, 2:] == 0, -100)  # [B, L-1]
         pos = torch.arange(L, device=device).unsqueeze(0).expand(B, L)
         total, inp = 0.0, h0
-        for w in step_weights(num_steps, 0.6):
+        for j, w in enumerate(step_weights(num_steps, 0.6)):
             out = head(embeds, inp, pos)
             logits = target.lm_head(out[:, : L - 1]).float()  # [B, L-1, V] fp32, all of it at once
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels)
-            if logp_t is not None:
-                loss = loss + F.kl_div(F.log_softmax(logits, dim=-1), logp_t, log_target=True, reduction="sum") / labels.numel()
+            labels = labels_BL.clone()
+            labels[:, :j] = -100  # step j+1 needs step j's output at q-1
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+            if p_t is not None:  # KL(q || p) = sum_v q log q - sum_v q log p, over the scored positions
+                keep = labels >= 0
+                cross_BL = (F.log_softmax(logits, dim=-1) * p_t).sum(-1)
+                loss = loss + ((neg_entropy_BL - cross_BL) * keep).sum() / keep.sum()
             total = total + w * loss
             inp = torch.cat([h0[:, :1], out[:, :-1]], dim=1)
-    total.backward()
+    return total
+
+
+def naive_step(target, head, optimizer, batch, device, num_steps: int, loss_type: str, marks: Marks) -> None:
+    naive_loss(target, head, batch, device, num_steps, loss_type, marks).backward()
     marks("backward_end")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def our_loss(cfg, target, head, batch, device, vocab_impl: str = "fused") -> torch.Tensor:
+    with autocast(device):
+        out, _ = loss_for_batch(cfg, target, head, batch, device, vocab_impl=vocab_impl)
+    return out.loss
 
 
 def our_step(cfg, target, head, optimizer, scheduler, batch, device, marks: Marks, vocab_impl: str = "fused") -> None:
@@ -259,6 +279,52 @@ def timed_hidden(target, marks_ref: list):
         return h
 
     return hidden
+
+
+class GradCheck:
+    """Every variant's first step against the naive step's, from the same initial head weights."""
+
+    def __init__(self, head):
+        self.init = {n: p.detach().to("cpu", copy=True) for n, p in head.named_parameters()}
+        self.ref: dict[tuple, tuple[float, dict]] = {}  # (loss, k) -> (naive loss, grads on the host)
+
+    def restore(self, head) -> None:
+        with torch.no_grad():
+            for n, p in head.named_parameters():
+                p.copy_(self.init[n])
+        head.zero_grad(set_to_none=True)
+
+    def first_step(self, head, loss_fn) -> tuple[float, dict]:
+        self.restore(head)
+        loss = loss_fn()
+        loss.backward()
+        grads = {n: p.grad.detach().float() for n, p in head.named_parameters() if p.grad is not None}
+        value = float(loss.detach())
+        head.zero_grad(set_to_none=True)
+        return value, grads
+
+    def record_naive(self, key, head, loss_fn) -> None:
+        value, grads = self.first_step(head, loss_fn)
+        self.ref[key] = (value, {n: g.cpu() for n, g in grads.items()})
+        self.restore(head)
+
+    def compare(self, key, head, loss_fn) -> dict:
+        value, grads = self.first_step(head, loss_fn)
+        self.restore(head)
+        if key not in self.ref:
+            return {"loss_first": value}
+        ref_value, ref = self.ref[key]
+        num = den = dot = nrm = 0.0
+        for n, r in ref.items():
+            r = r.to(grads[n].device)
+            g = grads.get(n, torch.zeros_like(r))
+            num += float((g - r).pow(2).sum())
+            den += float(r.pow(2).sum())
+            dot += float((g * r).sum())
+            nrm += float(g.pow(2).sum())
+        return {"loss_first": value, "loss_rel_diff": abs(value - ref_value) / abs(ref_value),
+                "grad_rel_err": (num / den) ** 0.5 if den else None,
+                "grad_cosine": dot / ((den * nrm) ** 0.5) if den and nrm else None}
 
 
 def run_variant(step_fn, device, warmup: int, iters: int, marks_ref: list) -> dict:
@@ -312,12 +378,13 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: no GPU visible; use --device cpu for a smoke test")
     dtype = default_dtype(device)
+    avoid_cudnn_attention()  # the trainer's attention kernels (flash, not cuDNN)
     losses = args.losses.split(",")
     ks = [int(k) for k in args.steps.split(",")]
     B, T = args.batch, args.seq
     t_start = time.perf_counter()
 
-    target, naive_impl = build_target(args.config, device, dtype)
+    target, naive_impl = build_target(args.config, device, dtype, args.layers)
     ours_impl = "grouped_mm" if device.type == "cuda" else "eager"  # transformers' experts for online_old
     cfg_t = target.config
     sync(device)
@@ -327,6 +394,8 @@ def main(argv=None) -> int:
     n_scored = int(batch["loss_mask"][:, 2:].sum())
     marks_ref = [Marks(device)]
     results = []
+
+    profiles = set(filter(None, args.profile.split(","))) if device.type == "cuda" else set()
 
     def record(variant, loss, k, med, ac=False):
         online = not variant.startswith("offline")
@@ -343,16 +412,22 @@ def main(argv=None) -> int:
     cfg_t._experts_implementation = naive_impl
     naive_head = build_head(cfg_t, device)
     use_head_experts(naive_head.layers[0], False)  # naive: transformers' experts in the head too
+    check = GradCheck(naive_head)
     if not args.skip_naive:
         for loss in losses:
             for k in ks:
+                check.record_naive((loss, k), naive_head, functools.partial(
+                    naive_loss, target, naive_head, batch, device, k, loss, Marks(device)))
                 opt = torch.optim.AdamW(naive_head.parameters(), lr=1e-4, fused=device.type == "cuda")
                 step = functools.partial(naive_step, target, naive_head, opt, batch, device, k, loss)
-                record("naive", loss, k, guarded(run_variant, step, device, args.warmup, args.iters, marks_ref))
+                med = guarded(run_variant, step, device, args.warmup, args.iters, marks_ref)
+                record("naive", loss, k, {**med, "loss_first": check.ref[(loss, k)][0]})
                 del opt, step
+                check.restore(naive_head)
     cfg_t._experts_implementation = ours_impl  # read at call time by every expert block of the target
     head = naive_head if naive_impl == ours_impl else build_head(cfg_t, device)
     del naive_head
+    check.restore(head)
 
     def ours(variant, tgt, b, loss, k, ac):
         old = variant.endswith("_old")
@@ -361,14 +436,20 @@ def main(argv=None) -> int:
             tgt.use_lean_layers(variant.startswith("online_lean"), compile=variant == "online_lean_compiled")
         set_checkpointing(head, ac)
         use_head_experts(head.layers[0], not old)  # ours: grouped GEMMs in bf16 (model/fast_moe.py)
+        head.compile_step(variant in ("online_compiled_all", "offline_compiled"))
         cfg = config_from_dict({"head": {"num_steps": k, "loss": loss, "loss_chunk_size": args.chunk_size},
                                 "train": {"lr": 1e-4, "warmup_steps": 0, "max_steps": 10**6}})
+        impl = "checkpoint" if old else "compiled" if variant in ("online_compiled_all", "offline_compiled") else "fused"
+        # the same first step as naive's (and the compile, if any, before the timed steps)
+        checked = check.compare((loss, k), head, functools.partial(our_loss, cfg, tgt, head, b, device, impl))
         optimizer, scheduler = build_optimizer(cfg, head, device)
-        step = functools.partial(our_step, cfg, tgt, head, optimizer, scheduler, b, device,
-                                 vocab_impl="checkpoint" if old else "fused")
-        record(variant, loss, k, guarded(run_variant, step, device, args.warmup, args.iters, marks_ref), ac)
+        step = functools.partial(our_step, cfg, tgt, head, optimizer, scheduler, b, device, vocab_impl=impl)
+        record(variant, loss, k, {**guarded(run_variant, step, device, args.warmup, args.iters, marks_ref), **checked}, ac)
+        if variant in profiles and loss == "ce" and k == 1 and not ac:
+            profile_step(variant, step, marks_ref, device)
         del optimizer, scheduler, step
-        head.zero_grad(set_to_none=True)
+        check.restore(head)
+        head.compile_step(False)
 
     target.hidden = timed_hidden(target, marks_ref)  # instance attribute: loss_for_batch's call is timed
     online_variants = ["online", "online_lean"] if args.skip_old else ["online_old", "online", "online_lean"]
@@ -385,6 +466,8 @@ def main(argv=None) -> int:
             for loss in losses:
                 for k in ks:
                     ours("online_compiled", target, batch, loss, k, False)
+                    if args.compile_head:
+                        ours("online_compiled_all", target, batch, loss, k, False)
         except Exception as exc:  # noqa: BLE001 - keep the rest of the benchmark
             print(f"# online_compiled failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         finally:
@@ -398,21 +481,23 @@ def main(argv=None) -> int:
         except Exception as exc:  # noqa: BLE001
             print(f"# online_lean_compiled failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         print(f"# online_lean_compiled: {time.perf_counter() - t0:.0f} s including compilation")
-    if args.profile and device.type == "cuda":
-        profile_step(target, head, batch, device, args, marks_ref)
 
     # offline: hidden states given; the target's decoder layers are freed first, as an offline run never loads them
     target.use_lean_experts(True)
     target.use_lean_layers(False)
     with torch.no_grad():
         hidden = FrozenTarget.hidden(target, batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu()
-    offline_batch = {**batch, "hidden": hidden}  # on the host, like a collated batch of stored rows
+    # on the device already, as the trainer's prefetcher (train/loop.py) delivers it: the copy of the
+    # next batch overlaps the current step
+    offline_batch = {k: v.to(device) for k, v in {**batch, "hidden": hidden}.items()}
     light = SharedTarget(cfg_t, target.embed_tokens, target.lm_head)
     del target
     free(device)
     if device.type == "cuda":
         print(f"# offline: {torch.cuda.memory_allocated(device) / 2**30:.1f} GiB resident after freeing the target's layers")
     offline_variants = ["offline"] if args.skip_old else ["offline_old", "offline"]
+    if args.compile_head:
+        offline_variants.append("offline_compiled")
     for ac in [False, True] if args.activation_checkpointing else [False]:
         for loss in losses:
             for k in ks:
@@ -441,7 +526,7 @@ def main(argv=None) -> int:
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "config": args.config, "batch": B, "seq": T, "tokens_per_step": B * T, "mask_frac": args.mask_frac,
+            "config": args.config, "layers": cfg_t.num_hidden_layers, "batch": B, "seq": T, "tokens_per_step": B * T, "mask_frac": args.mask_frac,
             "loss_chunk_size": args.chunk_size, "peak_tflops": args.peak_tflops, "warmup": args.warmup, "iters": args.iters,
             "experts_implementation": {"naive": naive_impl, "ours": "fast_moe", "online_old": ours_impl,
                                        "online_lean": "qwen3_forward.py layers + fast_moe"},
@@ -474,10 +559,12 @@ def summarize(results: list[dict]) -> dict:
         v = r["variant"].replace("+ac", "_ac")
         s[f"{v}_tok_s"] = r.get("tok_s")
         s["peak_gib"][v] = r.get("peak_gib")
+        s.setdefault("grad_rel_err", {})[v] = r.get("grad_rel_err")
         if v == "online":
             s["floor_tok_s"] = r.get("floor_tok_s")
     for s in out.values():
-        for v in ("online", "online_old", "online_lean", "online_compiled", "online_lean_compiled"):
+        for v in ("online", "online_old", "online_lean", "online_compiled", "online_lean_compiled",
+                  "online_compiled_all", "offline", "offline_compiled"):
             ok = s.get(f"{v}_tok_s") and s.get("naive_tok_s")
             if f"{v}_tok_s" in s:
                 s[f"{v}_over_naive"] = s[f"{v}_tok_s"] / s["naive_tok_s"] if ok else None
@@ -486,15 +573,20 @@ def summarize(results: list[dict]) -> dict:
 
 def header() -> str:
     return (f"{'variant':16s} {'loss':6s} {'k':>2s} {'step ms':>8s} {'target':>8s} {'head':>8s} {'optim':>7s} "
-            f"{'tok/s':>9s} {'floor tok/s':>11s} {'of floor':>8s} {'peak GiB':>8s}")
+            f"{'tok/s':>9s} {'floor tok/s':>11s} {'of floor':>8s} {'peak GiB':>8s} {'loss diff':>9s} {'grad err':>8s} {'grad cos':>8s}")
 
 
 def fmt_row(r: dict) -> str:
     if r.get("oom"):
         return f"{r['variant']:16s} {r['loss']:6s} {r['k']:2d}  out of memory"
     peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.1f}"
+
+    def opt(key, spec):
+        return "-" if r.get(key) is None else format(r[key], spec)
+
     return (f"{r['variant']:16s} {r['loss']:6s} {r['k']:2d} {r['step_ms']:8.1f} {r['target_ms']:8.1f} {r['head_ms']:8.1f} "
-            f"{r['optimizer_ms']:7.1f} {r['tok_s']:9,.0f} {r['floor_tok_s']:11,.0f} {r['floor_frac']:8.1%} {peak:>8s}")
+            f"{r['optimizer_ms']:7.1f} {r['tok_s']:9,.0f} {r['floor_tok_s']:11,.0f} {r['floor_frac']:8.1%} {peak:>8s} "
+            f"{opt('loss_rel_diff', '9.1e')} {opt('grad_rel_err', '8.1e')} {opt('grad_cosine', '8.5f')}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,12 @@ from pathlib import Path
 
 import torch
 
-from data.hidden_dump import check_out, close_dump_processes, dump_hidden_states, init_dump_processes
+from data.hidden_dump import (
+    check_out,
+    close_dump_processes,
+    dump_hidden_states,
+    init_dump_processes,
+)
 from data.hidden_states import DEFAULT_SHARD_TOKENS, DTYPES, FP8
 
 
@@ -64,7 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     from data.tokenizer import load_tokenizer
-    from model.target import FrozenTarget, default_dtype, loading_note
+    from model.target import (
+        FrozenTarget,
+        avoid_cudnn_attention,
+        default_dtype,
+        loading_note,
+    )
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no GPU is visible; pass --device cpu")
@@ -72,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--target '{args.target}' is not a directory; pass a local Qwen3-MoE model dir")
     check_out(args.out, args.force)  # before the target loads
     device = init_dump_processes(args.device)
+    avoid_cudnn_attention()  # rows of every length: no per-shape cuDNN plans
     dtype = default_dtype(device) if args.dtype == "auto" else DTYPES[args.dtype]
     storage = {"auto": None, "fp8": FP8}.get(args.storage, args.storage)
     t0 = time.perf_counter()

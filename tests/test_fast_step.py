@@ -31,9 +31,10 @@ def full_logit_reference(h_NH, w_VH, labels_N, soft_NH, loss_type, kl_weight):
     return {"ce": ce, "kl": kl_weight * kl, "ce+kl": ce + kl_weight * kl}[loss_type]
 
 
+@pytest.mark.parametrize("impl", ["fused", "compiled"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("chunk", [0, 4, 7])
-def test_fused_vocab_loss_equals_full_logits(loss_type, chunk):
+def test_fused_vocab_loss_equals_full_logits(loss_type, chunk, impl):
     torch.manual_seed(0)
     N, H = 19, 16
     w_VH = torch.randn(V, H) * H**-0.5
@@ -43,7 +44,7 @@ def test_fused_vocab_loss_equals_full_logits(loss_type, chunk):
     labels_N[[2, 5, 6, 17]] = -100  # ignored positions
     kl_weight = 0.7
 
-    terms, hits = vocab_loss(h_NH, w_VH, labels_N, soft_NH, loss_type, chunk, kl_weight, impl="fused")
+    terms, hits = vocab_loss(h_NH, w_VH, labels_N, soft_NH, loss_type, chunk, kl_weight, impl=impl)
     (terms * 1.3).backward()
     ref = full_logit_reference(h_NH, w_VH, labels_N, soft_NH, loss_type, kl_weight)
     ref_grad, = torch.autograd.grad(ref * 1.3, h_NH)
@@ -187,6 +188,36 @@ def test_lean_target_forward_equals_transformers(norm_topk_prob):
     torch.testing.assert_close(target.hidden(ids, mask), ref)
 
 
+def test_compiled_head_step_equals_eager_in_value_and_gradients():
+    """MTPHead.compile_step (head.compile=true): the same outputs and gradients over k = 2 recursive
+    steps, and a second sequence length (automatic dynamic shapes) still matches."""
+    torch.manual_seed(0)
+    head = MTPHead(make_config("tiny"))
+    head.init_random(seed=1)
+    H = head.config.hidden_size
+
+    def run(T):
+        gen = torch.Generator().manual_seed(T)
+        e, h = torch.randn(2, T, H, generator=gen), torch.randn(2, T, H, generator=gen)
+        pos = torch.arange(T)[None].expand(2, T)
+        head.zero_grad(set_to_none=True)
+        outs = head(e, h, pos, num_steps=2)
+        sum((o * (j + 1)).pow(2).mean() for j, o in enumerate(outs)).backward()
+        return [o.detach() for o in outs], {n: p.grad.clone() for n, p in head.named_parameters()}
+
+    for T in (17, 23):
+        head.compile_step(False)
+        ref_outs, ref_grads = run(T)
+        head.compile_step(True)
+        outs, grads = run(T)
+        for a, b in zip(outs, ref_outs):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        for n in ref_grads:
+            torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-5, msg=n)
+    head.compile_step(False)
+    assert head._compiled_body is None
+
+
 # ------------------------------------------------------------------ benchmark smoke test
 def test_bench_train_cpu_smoke(tmp_path):
     """scripts/bench_train.py end to end on the tiny config: every variant runs and the JSON
@@ -196,7 +227,7 @@ def test_bench_train_cpu_smoke(tmp_path):
     bench_train = load_script("bench_train")
     out = tmp_path / "bench.json"
     rc = bench_train.main(["--config", "tiny", "--device", "cpu", "--batch", "2", "--seq", "32", "--warmup", "0",
-                           "--iters", "1", "--losses", "ce+kl", "--steps", "2", "--out", str(out)])
+                           "--iters", "1", "--losses", "ce+kl", "--steps", "2", "--mask-frac", "0.7", "--out", str(out)])
     res = json.loads(out.read_text())
     assert rc == 0
     variants = {r["variant"] for r in res["results"]}
@@ -207,6 +238,10 @@ def test_bench_train_cpu_smoke(tmp_path):
                       "offline_old_tok_s"):
             assert s[field] > 0, field
         assert set(s["peak_gib"]) == variants and s["online_over_naive"] > 0
+    for r in res["results"]:  # every variant against the naive step's first loss and gradients (fp32 here)
+        assert r["loss_first"] > 0, r["variant"]
+        if r["variant"] != "naive":
+            assert r["loss_rel_diff"] < 1e-5 and r["grad_rel_err"] < 1e-4 and r["grad_cosine"] > 0.9999, r
     for key in ("gpu", "date", "torch", "transformers"):
         assert key in res
 

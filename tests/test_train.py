@@ -27,13 +27,18 @@ def mean(xs):
 
 def test_single_process_run_writes_metrics_checkpoints_and_final(tiny_target_dir, chat_jsonl, tmp_path):
     out = tmp_path / "run"
-    run(TRAIN + base_overrides(tiny_target_dir, chat_jsonl, out, **{"train.save_every": 3, "data.holdout": 4}))
+    run(TRAIN + base_overrides(tiny_target_dir, chat_jsonl, out, **{"train.save_every": 3, "data.holdout": 4,
+                                                                     "train.profile_step": 2}))
     recs = train_records(out)
     assert [r["step"] for r in recs] == list(range(1, 9))
     for r in recs:
-        for key in ("step", "loss", "acc", "simulated_acceptance_length", "lr", "tokens_per_s"):
+        for key in ("step", "loss", "acc", "simulated_acceptance_length", "lr", "tokens_per_s", "data_wait_frac"):
             assert key in r, key
         assert len(r["acc"]) == 2 and r["simulated_acceptance_length"] >= 1.0 and r["tokens_per_s"] > 0
+        assert 0.0 <= r["data_wait_frac"] < 1.0
+    # train.profile_step=2: a profile table of optimizer steps 2..4
+    profile = (out / "profile-step2.txt").read_text()
+    assert profile.startswith("# optimizer steps 2..4:") and "self_cpu_time_total" in profile
     # keep_checkpoints=2 of checkpoint-3, checkpoint-6; no temporary dirs left behind
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     assert not list(out.glob(".tmp-*"))
@@ -192,11 +197,11 @@ def test_zero3_from_accelerates_own_flags_trains_and_saves(tiny_target_dir, chat
 
 
 @pytest.mark.slow
-def test_zero3_refuses_recursive_steps(tiny_target_dir, chat_jsonl, tmp_path):
+@pytest.mark.parametrize("override", [{"head.num_steps": 2}, {"head.compile": "true"}])
+def test_zero3_refuses_recursive_steps_and_a_compiled_head(tiny_target_dir, chat_jsonl, tmp_path, override):
     cmd = LAUNCH + ["--config_file", str(ROOT / "configs/accelerate/cpu_zero3.yaml"),
                     str(ROOT / "train/train_mtp.py"), "--config", str(ROOT / "configs/tiny.yaml")]
-    p = run(cmd + base_overrides(tiny_target_dir, chat_jsonl, tmp_path / "z3k2", **{"head.num_steps": 2}),
-            check=False, timeout=600)
+    p = run(cmd + base_overrides(tiny_target_dir, chat_jsonl, tmp_path / "z3", **override), check=False, timeout=600)
     assert p.returncode != 0 and "not supported under DeepSpeed ZeRO-3" in p.stdout + p.stderr
 
 

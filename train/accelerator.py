@@ -65,6 +65,11 @@ def make_accelerator(cfg: Config, device: torch.device):
             "is used k times per step. The head is small (0.63B params for Qwen3-30B-A3B): train it under "
             "ZeRO-2 (configs/accelerate/zero2.yaml), or use head.num_steps=1 with ZeRO-3"
         )
+    if zero == ", ZeRO-3" and cfg.head.compile:
+        # ZeRO-3 gathers and frees each parameter from module hooks, which a compiled graph of the
+        # whole layer does not run between its ops
+        raise ValueError("head.compile=true is not supported under DeepSpeed ZeRO-3; train the head under ZeRO-2 "
+                         "(configs/accelerate/zero2.yaml) or set head.compile=false")
     if accelerator.num_processes != env_world_size():
         raise RuntimeError(f"accelerate sees {accelerator.num_processes} processes but WORLD_SIZE={env_world_size()}")
     return accelerator

@@ -45,6 +45,9 @@ class HeadConfig:
     kl_weight: float = 1.0
     loss_chunk_size: int = 4096  # tokens per chunk of the vocabulary projection
     activation_checkpointing: bool = False
+    # torch.compile the head's step (fuse, decoder layer, norm) in training; GPU only, not under
+    # ZeRO-3 (docs/training.md, "Speed")
+    compile: bool = False
 
 
 @dataclass
@@ -82,6 +85,9 @@ class TrainConfig:
     # optimizer steps between held-out evaluations written to metrics.jsonl (a training curve);
     # 0 = only at the end. Needs data.holdout > 0 to do anything.
     heldout_every: int = 0
+    # >0: profile optimizer steps profile_step .. profile_step+2 (torch.profiler, CPU and CUDA) and
+    # write <output_dir>/profile-step<N>.txt (docs/training.md, "Speed")
+    profile_step: int = 0
 
 
 @dataclass
@@ -290,6 +296,7 @@ def validate(cfg: Config) -> None:
     need(cfg.train.save_every >= 0, "train.save_every", "must be >= 0")
     need(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     need(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
+    need(cfg.train.profile_step >= 0, "train.profile_step", "must be >= 0 (0 = no profile)")
     need(cfg.train.heldout_every >= 0, "train.heldout_every", "must be >= 0 (0 = held-out metrics only at the end)")
     need(bool(cfg.train.resume), "train.resume", "must be auto, none or a checkpoint path")
     need(cfg.log.backend in ("wandb", "tensorboard", "none"), "log.backend", "must be wandb, tensorboard or none")
@@ -348,10 +355,10 @@ RESUME_FIXED = frozenset({
 })
 RESUME_SAFE = frozenset({
     "target.compile", "target.partition",  # how the frozen target runs, not what it computes
-    "head.loss_chunk_size", "head.activation_checkpointing",  # memory/speed, same loss
+    "head.loss_chunk_size", "head.activation_checkpointing", "head.compile",  # memory/speed, same loss
     "data.num_proc",
     "train.output_dir", "train.max_steps", "train.resume", "train.save_every", "train.keep_checkpoints",
-    "train.log_every", "train.heldout_every",
+    "train.log_every", "train.heldout_every", "train.profile_step",
     "log.backend", "log.project", "log.run_name",
     "eval.enabled", "eval.prompts", "eval.num_prompts", "eval.max_new_tokens", "eval.steps", "eval.sampling",
     "eval.temperature", "eval.top_p", "eval.top_k", "eval.min_p", "eval.rejection_sampling",

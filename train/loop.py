@@ -52,29 +52,62 @@ def collate_rows(dataset, rows: list[dict], pad_id: int) -> dict:
 
 
 def iterate_batches(sampler, dataset, state: TrainerState, pad_id: int):
-    """Endless micro-batches from (epoch, batch_in_epoch) on; advances `state` as it goes."""
+    """Endless (micro-batch, position) from the state's (epoch, batch_in_epoch) on. `position` is
+    (epoch, batch_in_epoch) once that batch is consumed: the loop moves `state` there when it takes
+    the batch, so a prefetcher reading ahead never makes a checkpoint skip a batch."""
+    epoch, start = state.epoch, state.batch_in_epoch
     while True:
-        sampler.set_epoch(state.epoch)
+        sampler.set_epoch(epoch)
         for i, indices in enumerate(sampler):
-            if i < state.batch_in_epoch:
+            if i < start:
                 continue
             rows = dataset.select(indices)
-            batch = collate_rows(dataset, [rows[j] for j in range(len(indices))], pad_id=pad_id)
-            state.batch_in_epoch = i + 1
-            yield batch
-        state.epoch += 1
-        state.batch_in_epoch = 0
+            yield collate_rows(dataset, [rows[j] for j in range(len(indices))], pad_id=pad_id), (epoch, i + 1)
+        epoch, start = epoch + 1, 0
 
 
-def loss_for_batch(cfg: Config, target: Target, head, batch: dict, device: torch.device, vocab_impl: str = "fused"):
-    """(LossOutput, tokens in the batch); `vocab_impl` is model/loss.py's (the benchmark times both)."""
+def prefetch_to_device(batches, device: torch.device):
+    """On a GPU, the next (batch, position) is pinned and copied on a side stream while the current
+    step runs (an offline batch's hidden states are 33 MB at 4 x 2048 x 2048 bf16: about 6 ms as a
+    pageable copy on the step's stream). Elsewhere the batches pass through unchanged."""
+    if device.type != "cuda":
+        yield from batches
+        return
+    stream = torch.cuda.Stream(device)
+
+    def load(item):
+        batch, position = item
+        with torch.cuda.stream(stream):
+            batch = {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v
+                     for k, v in batch.items()}
+        return batch, position
+
+    ahead = load(next(batches))
+    while True:
+        main = torch.cuda.current_stream(device)
+        main.wait_stream(stream)
+        batch, position = ahead
+        for v in batch.values():
+            if torch.is_tensor(v):
+                v.record_stream(main)  # allocated on the side stream, used on the main one
+        ahead = load(next(batches))
+        yield batch, position
+
+
+def loss_for_batch(cfg: Config, target: Target, head, batch: dict, device: torch.device, vocab_impl: str | None = None):
+    """(LossOutput, tokens in the batch); `vocab_impl` is model/loss.py's (the benchmark times each):
+    by default "compiled" with head.compile=true on a GPU, else "fused"."""
+    if vocab_impl is None:
+        vocab_impl = "compiled" if cfg.head.compile and device.type == "cuda" else "fused"
     input_ids = batch["input_ids"].to(device)
     loss_mask = batch["loss_mask"].to(device)
     attn = batch["attention_mask"].to(device)
     if "hidden" in batch:  # offline (data.hidden_states): h_t stored by scripts/dump_hidden_states.py
         hidden = batch["hidden"].to(device, non_blocking=True)  # [B, T, H]
     else:
-        hidden = target.hidden(input_ids, attn)  # [B, T, H], no grad
+        # no mask: rows are right-padded, so causal attention keeps padding out of every real
+        # position, and sdpa runs its causal flash kernel instead of a masked one
+        hidden = target.hidden(input_ids)  # [B, T, H], no grad
     return mtp_loss(
         head, target.embed_tokens, target.lm_head, input_ids, hidden, loss_mask,
         num_steps=cfg.head.num_steps, step_decay=cfg.head.step_decay, loss_type=cfg.head.loss,
@@ -87,14 +120,18 @@ def train_loop(cfg, accelerator, target, head, optimizer, scheduler, train_ds, s
     device = target.device
     K = cfg.head.num_steps
     stop = StopFlag()
-    batches = iterate_batches(sampler, train_ds, state, pad_id)
+    batches = prefetch_to_device(iterate_batches(sampler, train_ds, state, pad_id), device)
     bar = tqdm(total=cfg.train.max_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True)
     win = {"loss": torch.zeros((), device=device), "n": 0, "correct": torch.zeros(K, device=device),
-           "count": torch.zeros(K, device=device), "tokens": 0, "t0": time.perf_counter()}
+           "count": torch.zeros(K, device=device), "tokens": 0, "t0": time.perf_counter(), "data_s": 0.0}
+    profiler = StepProfiler(cfg.train.profile_step, out_dir, accelerator.is_main_process)
     head.train()
     while state.step < cfg.train.max_steps:
+        profiler.before_step(state.step + 1)
         for _ in range(cfg.train.grad_accum):
-            batch = next(batches)
+            t_data = time.perf_counter()
+            batch, (state.epoch, state.batch_in_epoch) = next(batches)
+            win["data_s"] += time.perf_counter() - t_data
             with accelerator.accumulate(head):
                 out, ntok = loss_for_batch(cfg, target, head, batch, device)
                 accelerator.backward(out.loss)
@@ -109,6 +146,7 @@ def train_loop(cfg, accelerator, target, head, optimizer, scheduler, train_ds, s
             win["count"] += out.count
             win["tokens"] += ntok
         state.step += 1
+        profiler.after_step(state.step)
         bar.update(1)
 
         last = state.step == cfg.train.max_steps
@@ -121,7 +159,7 @@ def train_loop(cfg, accelerator, target, head, optimizer, scheduler, train_ds, s
             accelerator.log({k: v for k, v in rec.items() if k != "acc"} | {f"acc_{j + 1}": a for j, a in enumerate(rec["acc"])}, step=state.step)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", sim_al=f"{rec['simulated_acceptance_length']:.2f}")
             win.update(loss=torch.zeros((), device=device), n=0, correct=torch.zeros(K, device=device),
-                       count=torch.zeros(K, device=device), tokens=0, t0=time.perf_counter())
+                       count=torch.zeros(K, device=device), tokens=0, t0=time.perf_counter(), data_s=0.0)
 
         if heldout_due:
             # before a checkpoint of the same step, so a run resumed from it keeps this record
@@ -142,6 +180,42 @@ def train_loop(cfg, accelerator, target, head, optimizer, scheduler, train_ds, s
             return False
     bar.close()
     return True
+
+
+class StepProfiler:
+    """train.profile_step=N: torch.profiler over optimizer steps N .. N+2 (CPU and CUDA), written as
+    two tables (by CUDA time, by CPU time) to <output_dir>/profile-step<N>.txt on rank 0."""
+
+    STEPS = 3
+
+    def __init__(self, start: int, out_dir, enabled: bool):
+        self.start, self.out_dir, self.enabled, self.prof = start, out_dir, enabled and start > 0, None
+
+    def before_step(self, step: int) -> None:
+        if self.enabled and step == self.start and self.prof is None:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=acts)
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+
+    def after_step(self, step: int) -> None:
+        if self.prof is None or step < self.start + self.STEPS - 1:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self.t0
+        self.prof.__exit__(None, None, None)
+        avg = self.prof.key_averages()
+        sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        text = (f"# optimizer steps {self.start}..{step}: {wall:.3f} s wall ({wall / self.STEPS * 1e3:.1f} ms a step)\n\n"
+                f"## by {sort}\n{avg.table(sort_by=sort, row_limit=40, max_name_column_width=80)}\n"
+                f"## by self_cpu_time_total\n{avg.table(sort_by='self_cpu_time_total', row_limit=40, max_name_column_width=80)}\n")
+        path = self.out_dir / f"profile-step{self.start}.txt"
+        path.write_text(text)
+        print0(f"profile of steps {self.start}..{step} ({wall / self.STEPS * 1e3:.1f} ms a step): {path}")
+        self.prof, self.enabled = None, False
 
 
 def agree_on_stop(accelerator, requested: bool, device) -> bool:
@@ -171,6 +245,7 @@ def log_window(accelerator, win, state: TrainerState, scheduler, K: int) -> dict
         "simulated_acceptance_length": simulated_acceptance_length(acc),
         "lr": scheduler.get_last_lr()[0],
         "tokens_per_s": tokens / dt,
+        "data_wait_frac": win["data_s"] / dt,  # of the window's wall time, waiting for the next batch (this rank)
         "tokens_seen": state.tokens_seen,
         "epoch": state.epoch,
         **({"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}),

@@ -161,7 +161,7 @@ def load_partitioned_target(
     with hf_zero3_loading(ds_config):
         model = Qwen3MoeForCausalLM.from_pretrained(
             path, config=config, dtype=dtype, attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code, **fp8,
+            trust_remote_code=trust_remote_code, use_kernels=False, **fp8,  # no hub kernels (model/target.py)
         )
     decoder = model.model
     # the replicated copies above serve the decoder's input and the head; these partitioned

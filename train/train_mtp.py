@@ -35,7 +35,7 @@ import torch
 from model.head import MTPHead
 from model.mtp_weights import RUN_CONFIG_NAME, load_mtp_state
 from model.fp8 import quantization_of
-from model.target import FrozenTarget, default_dtype, load_target_config, loading_note
+from model.target import FrozenTarget, avoid_cudnn_attention, default_dtype, load_target_config, loading_note
 from train.accelerator import make_accelerator
 from train.checkpoint import resume_or_start, save_final
 from train.common import MetricsWriter, env_rank, env_world_size, pick_device, print0
@@ -134,6 +134,12 @@ def build_head(cfg: Config, target: FrozenTarget) -> MTPHead:
         head.load_state_dict(load_mtp_state(init, target.config), strict=True)
     head.to(device=target.device, dtype=torch.float32)
     head.activation_checkpointing = cfg.head.activation_checkpointing
+    if cfg.head.compile:
+        if head.fc.weight.is_cuda:
+            head.compile_step()
+            print0("head: training step compiled (head.compile=true)")
+        else:
+            print0("head.compile=true ignored: compiling pays on a GPU only")
     n = sum(p.numel() for p in head.parameters())
     print0(f"head: init={init}, {n / 1e6:.2f}M trainable params, num_steps={cfg.head.num_steps}, loss={cfg.head.loss}")
     return head
@@ -234,6 +240,7 @@ def run_training(config_path: str | None, overrides: list[str]) -> int:
 def train_run(cfg: Config, run: Run) -> int:
     out_dir = run.out_dir
     device = pick_device()
+    avoid_cudnn_attention()  # bucketed lengths: no per-shape cuDNN plans (before anything compiles)
 
     from accelerate.utils import set_seed
     from data.tokenizer import load_tokenizer
