@@ -7,6 +7,7 @@ runs it; the tiny target and 24 real ShareGPT chats come from fixtures in confte
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import subprocess
@@ -247,3 +248,35 @@ def test_eval_after_training_gates_the_export(tiny_target_dir, chat_jsonl, tmp_p
     assert summary["eval_acceptance_length"] == report["acceptance_length"]
     assert not (out / "export").exists()
     assert "export skipped" in p.stdout + p.stderr
+
+
+def test_batches_read_ahead_never_make_a_resume_skip_or_repeat_one():
+    """The GPU prefetcher reads one batch ahead of the step; `state` must still name the batches the
+    steps consumed, so a run resumed from it continues with exactly the next batch (across an epoch
+    end too)."""
+    import datasets
+
+    from data.collate import BucketBatchSampler
+    from train.checkpoint import TrainerState
+    from train.loop import iterate_batches
+
+    rows = [{"input_ids": list(range(i + 1, i + 4 + i % 5)), "loss_mask": [1] * (3 + i % 5)} for i in range(10)]
+    ds = datasets.Dataset.from_list(rows)
+    lengths = [len(r["input_ids"]) for r in rows]
+
+    def stream(state):
+        sampler = BucketBatchSampler(lengths, 3, seed=0, num_replicas=1, rank=0, bucket_size_multiplier=2)
+        return iterate_batches(sampler, ds, state, pad_id=0)
+
+    def ids(batch):
+        return batch["input_ids"].tolist()
+
+    reference = [ids(b) for b, _ in itertools.islice(stream(TrainerState()), 12)]  # 3 batches an epoch: 4 epochs
+    for consumed in (2, 3, 5):
+        state = TrainerState()
+        it = stream(state)
+        ahead = next(it)
+        for _ in range(consumed):  # consume one batch while the next is already read (as the prefetcher does)
+            (batch, (state.epoch, state.batch_in_epoch)), ahead = ahead, next(it)
+        resumed = [ids(b) for b, _ in itertools.islice(stream(state), 4)]
+        assert resumed == reference[consumed:consumed + 4], consumed
