@@ -73,14 +73,17 @@ class Target(Protocol):
         """Post-final-norm hidden states h_t [B, T, H] (the lm_head input), no grad."""
 
 
-def avoid_cudnn_attention() -> None:
+def avoid_cudnn_attention() -> bool:
     """For training and the hidden-state dump, which meet a new sequence length at nearly every
     batch (length buckets). On Hopper, PyTorch's SDPA prefers cuDNN attention, which builds an
     execution plan on the CPU for each new shape: measured on an H200 (8-layer Qwen3-30B-A3B shape,
     ZeRO-2), about 110 ms of CPU a step in forward and 75 ms in backward, with the GPU idle 80% of
-    the step. Flash attention needs no per-shape plan. No effect without a GPU."""
+    the step. Flash attention needs no per-shape plan. No effect without a GPU. Returns whether
+    cuDNN attention was enabled before (`torch.backends.cuda.enable_cudnn_sdp` restores it)."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
     if torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(False)
+    return before
 
 
 def set_experts_implementation(config, device: torch.device | str) -> None:

@@ -240,7 +240,7 @@ def run_training(config_path: str | None, overrides: list[str]) -> int:
 def train_run(cfg: Config, run: Run) -> int:
     out_dir = run.out_dir
     device = pick_device()
-    avoid_cudnn_attention()  # bucketed lengths: no per-shape cuDNN plans (before anything compiles)
+    cudnn_attention = avoid_cudnn_attention()  # bucketed lengths: no per-shape cuDNN plans (before anything compiles)
 
     from accelerate.utils import set_seed
     from data.tokenizer import load_tokenizer
@@ -294,6 +294,8 @@ def train_run(cfg: Config, run: Run) -> int:
     final = save_final(accelerator, head, cfg, out_dir, summary)
     print0(f"final weights: {final}")
 
+    # the speculative evaluation runs with the attention kernels eval_acceptance.py gets
+    torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
     post_training(cfg, accelerator, target, tokenizer, final, out_dir, summary, heldout_ds, run.run_id)
     accelerator.end_training()
     return 0
