@@ -255,9 +255,7 @@ def our_loss(cfg, target, head, batch, device, vocab_impl: str = "fused") -> tor
 def our_step(cfg, target, head, optimizer, scheduler, batch, device, marks: Marks, vocab_impl: str = "fused") -> None:
     """The trainer's own step: loss_for_batch (target.hidden or batch["hidden"], mtp_loss), backward,
     clipping, AdamW + scheduler. target.hidden is timed through an instance wrapper."""
-    with autocast(device):
-        out, _ = loss_for_batch(cfg, target, head, batch, device, vocab_impl=vocab_impl)
-    out.loss.backward()
+    our_loss(cfg, target, head, batch, device, vocab_impl).backward()
     marks("backward_end")
     if cfg.train.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.train.grad_clip)

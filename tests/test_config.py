@@ -39,6 +39,9 @@ def test_overrides_are_typed():
     ("eval.sampling=server", "eval.sampling"),
     ("data.enable_thinking=maybe", "data.enable_thinking"),
     ("train.heldout_every=-1", "train.heldout_every"),
+    ("train.profile_step=-1", "train.profile_step"),
+    ("train.profile_step=100000", "train.profile_step"),  # past train.max_steps: it would never profile
+    ("head.compile=maybe", "head.compile"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):

@@ -296,7 +296,8 @@ def validate(cfg: Config) -> None:
     need(cfg.train.save_every >= 0, "train.save_every", "must be >= 0")
     need(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     need(cfg.train.log_every >= 1, "train.log_every", "must be >= 1")
-    need(cfg.train.profile_step >= 0, "train.profile_step", "must be >= 0 (0 = no profile)")
+    need(0 <= cfg.train.profile_step <= cfg.train.max_steps, "train.profile_step",
+         f"must be between 0 (no profile) and train.max_steps={cfg.train.max_steps}")
     need(cfg.train.heldout_every >= 0, "train.heldout_every", "must be >= 0 (0 = held-out metrics only at the end)")
     need(bool(cfg.train.resume), "train.resume", "must be auto, none or a checkpoint path")
     need(cfg.log.backend in ("wandb", "tensorboard", "none"), "log.backend", "must be wandb, tensorboard or none")

@@ -176,9 +176,11 @@ def train_loop(cfg, accelerator, target, head, optimizer, scheduler, train_ds, s
             print0(f"saved {path}")
         if stop_now:
             bar.close()
+            profiler.after_step(state.step, final=True)
             print0(f"stopped by signal at step {state.step}; resume with train.resume=auto")
             return False
     bar.close()
+    profiler.after_step(state.step, final=True)  # a profile cut short by the end of the run is still written
     return True
 
 
@@ -200,8 +202,8 @@ class StepProfiler:
             self.prof.__enter__()
             self.t0 = time.perf_counter()
 
-    def after_step(self, step: int) -> None:
-        if self.prof is None or step < self.start + self.STEPS - 1:
+    def after_step(self, step: int, final: bool = False) -> None:
+        if self.prof is None or (step < self.start + self.STEPS - 1 and not final):
             return
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -209,12 +211,13 @@ class StepProfiler:
         self.prof.__exit__(None, None, None)
         avg = self.prof.key_averages()
         sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-        text = (f"# optimizer steps {self.start}..{step}: {wall:.3f} s wall ({wall / self.STEPS * 1e3:.1f} ms a step)\n\n"
+        n = step - self.start + 1
+        text = (f"# optimizer steps {self.start}..{step}: {wall:.3f} s wall ({wall / n * 1e3:.1f} ms a step)\n\n"
                 f"## by {sort}\n{avg.table(sort_by=sort, row_limit=40, max_name_column_width=80)}\n"
                 f"## by self_cpu_time_total\n{avg.table(sort_by='self_cpu_time_total', row_limit=40, max_name_column_width=80)}\n")
         path = self.out_dir / f"profile-step{self.start}.txt"
         path.write_text(text)
-        print0(f"profile of steps {self.start}..{step} ({wall / self.STEPS * 1e3:.1f} ms a step): {path}")
+        print0(f"profile of steps {self.start}..{step} ({wall / n * 1e3:.1f} ms a step): {path}")
         self.prof, self.enabled = None, False
 
 
