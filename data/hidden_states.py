@@ -272,12 +272,12 @@ class HiddenStateStore:
             )
 
 
-def collate_hidden_states(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_hidden_states(rows: Sequence[dict], pad_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
     """`collate_batch` (right padding) plus the stored tensors: hidden [B, T, H] (zeros on
     padding) and, when the dump has them, topk_ids [B, T, K] / topk_logprobs [B, T, K]."""
     from data.collate import collate_batch
 
-    batch = collate_batch(rows, pad_id=pad_id)
+    batch = collate_batch(rows, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
     B, T = batch["input_ids"].shape
     for key in ("hidden", "topk_ids", "topk_logprobs"):
         if key not in rows[0]:

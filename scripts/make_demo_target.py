@@ -44,6 +44,10 @@ def parse_args(argv=None):
                    help="prompts of the greedy diversity/loop check (default: the shipped MT-Bench questions)")
     p.add_argument("--diversity-prompts", type=int, default=80)
     p.add_argument("--diversity-tokens", type=int, default=256)
+    p.add_argument("--vocab", default="full", choices=["full", "data"],
+                   help="'full': every lm_head row; 'data': the loss computes logits of the tokens the training "
+                        "chats use and the other rows stay zero (the exact full-vocab loss, fewer multiply-adds; "
+                        "not yet timed on a GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (not measured yet)")
     p.add_argument("--config-overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="Qwen3MoeConfig fields, e.g. hidden_size=640 num_hidden_layers=10")

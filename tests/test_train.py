@@ -271,6 +271,9 @@ def test_batches_read_ahead_never_make_a_resume_skip_or_repeat_one():
     def ids(batch):
         return batch["input_ids"].tolist()
 
+    for b, _ in itertools.islice(stream(TrainerState()), 4):  # tokens counted on the CPU, before any copy
+        assert b["num_tokens"] == int(b["attention_mask"].sum()) > 0
+        assert b["input_ids"].shape[1] % 8 == 0  # padded to a multiple of 8 (one compiled graph per size range)
     reference = [ids(b) for b, _ in itertools.islice(stream(TrainerState()), 12)]  # 3 batches an epoch: 4 epochs
     for consumed in (2, 3, 5):
         state = TrainerState()
@@ -280,3 +283,36 @@ def test_batches_read_ahead_never_make_a_resume_skip_or_repeat_one():
             (batch, (state.epoch, state.batch_in_epoch)), ahead = ahead, next(it)
         resumed = [ids(b) for b, _ in itertools.islice(stream(state), 4)]
         assert resumed == reference[consumed:consumed + 4], consumed
+
+
+def test_overlap_comm_is_dropped_for_one_process_only():
+    """One process has no gradients to reduce, so DeepSpeed's overlap_comm would only add a device
+    synchronize after every backward; with two or more it stays as configured."""
+    import json
+
+    from train.accelerator import drop_overlap_comm_for_one_process
+
+    shipped = json.loads((ROOT / "configs" / "deepspeed" / "zero2.json").read_text())
+    assert shipped["zero_optimization"]["overlap_comm"] is True
+    one = json.loads(json.dumps(shipped))
+    assert drop_overlap_comm_for_one_process(one, 1) and one["zero_optimization"]["overlap_comm"] is False
+    two = json.loads(json.dumps(shipped))
+    assert not drop_overlap_comm_for_one_process(two, 2) and two["zero_optimization"]["overlap_comm"] is True
+    zero3 = {"zero_optimization": {"stage": 3, "overlap_comm": True}}  # ZeRO-3 prefetches with it: kept
+    assert not drop_overlap_comm_for_one_process(zero3, 1) and zero3["zero_optimization"]["overlap_comm"]
+
+
+def test_read_ahead_thread_keeps_order_and_raises_where_the_producer_failed():
+    from train.loop import read_ahead_in_thread
+
+    assert list(itertools.islice(read_ahead_in_thread(iter(range(100)), depth=2), 100)) == list(range(100))
+
+    def failing():
+        yield 1
+        yield 2
+        raise ValueError("bad row 3")
+
+    it = read_ahead_in_thread(failing())
+    assert [next(it), next(it)] == [1, 2]
+    with pytest.raises(ValueError, match="bad row 3"):
+        next(it)
