@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from train.demo_target import DataVocab, chunked_ce
 
 
-def _setup(seed=0, V=50, H=8, N=13):
+def _setup(seed=0, V=50, H=8, N=13, multiple=1):
     g = torch.Generator().manual_seed(seed)
     chats = [np.array([1, 4, 4, 9, 17, 30], dtype=np.int32), np.array([2, 9, 41, 30], dtype=np.int32)]
-    vocab = DataVocab.from_chats(chats, V, "cpu")
+    vocab = DataVocab.from_chats(chats, V, "cpu", multiple=multiple)
     w = torch.randn(V, H, generator=g, dtype=torch.float64)
     vocab.zero_unused_rows(w)
     h = torch.randn(N, H, generator=g, dtype=torch.float64)
@@ -29,6 +29,16 @@ def test_data_vocab_indexes_the_used_tokens():
     assert vocab.index_of[9].item() == 3 and vocab.index_of[5].item() == -1
     assert vocab.log_rest.item() == pytest.approx(np.log(50 - 7))
     assert w[5].abs().sum() == 0 and w[9].abs().sum() > 0
+    topped = DataVocab.from_chats([np.array([1, 4, 9, 17, 30, 2, 41])], 50, "cpu", multiple=4)
+    assert len(topped.used_ids) == 8 and {1, 2, 4, 9, 17, 30, 41} < set(topped.used_ids.tolist())
+    assert DataVocab.from_chats([np.array([1, 4])], 6, "cpu", multiple=8).log_rest.item() == -np.inf  # all rows
+
+
+@pytest.mark.parametrize("multiple", [1, 4])
+def test_used_token_loss_equals_the_full_vocabulary_loss_for_a_topped_up_set(multiple):
+    vocab, w, h, labels = _setup(multiple=multiple)
+    full = F.cross_entropy(h @ w.T, labels)
+    assert chunked_ce(h, w, labels, 5, vocab).item() == pytest.approx(full.item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("chunk", [4, 64])
