@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.demo_target import DataVocab, chunked_ce
+from train.demo_target import DataVocab, DemoRecipe, chunked_ce, train_demo_target
 
 
 def _setup(seed=0, V=50, H=8, N=13, multiple=1):
@@ -70,3 +70,9 @@ def test_unused_rows_stay_zero_under_adamw_with_weight_decay():
         opt.zero_grad()
     unused = vocab.index_of < 0
     assert w[unused].abs().sum() == 0 and w[~unused].abs().sum() > 0
+
+
+def test_an_unknown_vocab_setting_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="--vocab 'used'.*'data' or 'full'"):
+        train_demo_target(DemoRecipe(out=str(tmp_path / "t"), vocab="used", smoke=True))
+    assert not (tmp_path / "t").exists()

@@ -25,12 +25,13 @@ Recipe (why each piece):
 - next-token cross-entropy in token chunks under activation checkpointing, bf16 matmul and fp32
   softmax: the [tokens, 151936] fp32 logits of the whole batch (20 GB at 32 x 1024) never exist;
 - `--vocab data` (opt-in; its first, unaligned version was slower on a GPU, this one is untimed):
-  ShareGPT's training chats use about 85,700 of the 151,936 tokens. The lm_head rows of the tokens they never use are zero from the start and stay
-  zero (their gradient is zero, and so is AdamW's update and decay of a zero row), so each of those
-  tokens always gets logit 0. The loss computes logits for the used rows only and adds the unused ones in closed form
-  (log Z = logaddexp(logsumexp(used logits), log #unused)): it is the exact full-vocabulary
-  cross-entropy of the model that is saved, at 56% of the head's multiply-adds. `--vocab full`
-  (default, the measured recipe) trains every row;
+  ShareGPT's training chats use about 85,700 of the 151,936 tokens. The lm_head rows of the tokens
+  they never use are zero from the start and stay zero (their gradient is zero, and so is AdamW's
+  update and decay of a zero row), so each of those tokens always gets logit 0. The loss computes
+  logits for the used rows only and adds the unused ones in closed form (log Z =
+  logaddexp(logsumexp(used logits), log #unused)): it is the exact full-vocabulary cross-entropy of
+  the model that is saved, at 56% of the head's multiply-adds. `--vocab full` (default, the
+  measured recipe) trains every row;
 - a Switch-style load-balancing loss on every router (experts otherwise collapse early);
 - linear warmup then cosine decay to 10% of the peak LR;
 - the step count is fixed before training (`--max-steps`), so a seed gives the same init, data
@@ -288,10 +289,8 @@ class DataVocab:
                    torch.tensor(math.log(rest) if rest else -math.inf, device=device))
 
     def zero_unused_rows(self, weight_VH: torch.Tensor) -> None:
-        keep = torch.zeros(weight_VH.shape[0], dtype=torch.bool, device=weight_VH.device)
-        keep[self.used_ids.to(weight_VH.device)] = True
         with torch.no_grad():
-            weight_VH[~keep] = 0
+            weight_VH[self.index_of.to(weight_VH.device) < 0] = 0
 
 
 class RouterBalance:
@@ -373,6 +372,8 @@ def greedy_diversity(model, tokenizer, mt_bench: str | None, num_prompts: int, m
 def train_demo_target(a: "DemoRecipe", command: str = "") -> dict:
     """Train the demo target into `a.out` (model dir + demo_target.json + heldout.jsonl);
     returns demo_target.json's content."""
+    if a.vocab not in ("data", "full"):  # before any data is read
+        raise ValueError(f"--vocab {a.vocab!r}: expected 'data' or 'full'")
     if a.smoke:
         a = a.smoked()
     t_start = time.perf_counter()
@@ -400,8 +401,6 @@ def train_demo_target(a: "DemoRecipe", command: str = "") -> dict:
     # ---- model, optimizer
     config_kwargs = dict(SMOKE if a.smoke else DEMO, **a.config_overrides)
     model = build_model(config_kwargs, a.seed, device)
-    if a.vocab not in ("data", "full"):
-        raise ValueError(f"--vocab {a.vocab!r}: expected 'data' or 'full'")
     vocab = DataVocab.from_chats(train_chats, model.config.vocab_size, device) if a.vocab == "data" else None
     if vocab is not None:
         vocab.zero_unused_rows(model.lm_head.weight)  # before the fp32 master copy: both start at zero

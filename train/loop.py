@@ -46,19 +46,20 @@ class StopFlag:
         print(f"[rank {env_rank()}] signal {signum}: will save a checkpoint and exit", flush=True)
 
 
-# Training batches are padded to a multiple of 8 tokens. The compiled head guards on T % 8 (the
-# alignment of its buffers) besides a few size ranges, so lengths of both residues would compile
-# it twice per range and run past torch.compile's cache of 8 graphs (then it runs eager); on one
-# H200 the real run recompiled 10 times in 300 steps, 7 s each. Right padding is free otherwise:
-# no real position attends to it and the loss mask is 0 there.
+# Batches are padded to a multiple of 8 tokens. The compiled head guards on T % 8 (the alignment
+# of its buffers) besides a few size ranges, so lengths of both residues would compile it twice per
+# range and run past torch.compile's cache of 8 graphs (then it runs eager); on one H200 the real
+# run recompiled 10 times in 300 steps, 7 s each. Right padding is free otherwise: no real position
+# attends to it and the loss mask is 0 there.
 PAD_TO_MULTIPLE_OF = 8
 
 
-def collate_rows(dataset, rows: list[dict], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
-    """Right-padded batch; rows of offline hidden states (data.hidden_states) also give "hidden" [B, T, H]."""
+def collate_rows(dataset, rows: list[dict], pad_id: int) -> dict:
+    """Right-padded batch (training and held-out alike); rows of offline hidden states
+    (data.hidden_states) also give "hidden" [B, T, H]."""
     if isinstance(dataset, HiddenStateStore):
-        return collate_hidden_states(rows, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
-    return collate_batch(rows, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
+        return collate_hidden_states(rows, pad_id=pad_id, pad_to_multiple_of=PAD_TO_MULTIPLE_OF)
+    return collate_batch(rows, pad_id=pad_id, pad_to_multiple_of=PAD_TO_MULTIPLE_OF)
 
 
 def iterate_batches(sampler, dataset, state: TrainerState, pad_id: int):
@@ -72,7 +73,7 @@ def iterate_batches(sampler, dataset, state: TrainerState, pad_id: int):
             if i < start:
                 continue
             rows = dataset.select(indices)
-            batch = collate_rows(dataset, [rows[j] for j in range(len(indices))], pad_id, PAD_TO_MULTIPLE_OF)
+            batch = collate_rows(dataset, [rows[j] for j in range(len(indices))], pad_id=pad_id)
             batch["num_tokens"] = int(batch["attention_mask"].sum())  # counted here, on the CPU: no device sync
             yield batch, (epoch, i + 1)
         epoch, start = epoch + 1, 0
@@ -84,14 +85,13 @@ def read_ahead_in_thread(items, depth: int = 2):
     then run in that wait instead of after it (about 8% of a step on one H200 otherwise).
     An exception in the producer is raised here, at the item it failed on."""
     q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
 
     def produce():
         try:
             for item in items:
                 q.put((item, None))
         except BaseException as exc:  # handed to the consumer
-            q.put((done, exc))
+            q.put((None, exc))
 
     threading.Thread(target=produce, daemon=True, name="batch-read-ahead").start()
     while True:
