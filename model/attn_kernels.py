@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from model.moe_kernels import triton, tl
+from model.moe_kernels import pdl_args, pdl_enter, tl, triton
 
 BLOCK_M = 16  # query rows (token, query head) per program: tl.dot's minimum
 # cache slots per inner iteration: the fastest of `scripts/profile_decode.py --tune` on an H200
@@ -43,7 +43,8 @@ if triton is not None:
     @triton.jit
     def _qk_prep_kernel(qkv_ptr, w_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, cache_ptr,
                         stride_kv, stride_b, stride_h, stride_s, T, eps,
-                        NQ: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr):
+                        NQ: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_enter(USE_PDL)
         n = tl.program_id(0)  # token = b * T + t
         h = tl.program_id(1)  # q heads, then k heads, then v heads
         b = n // T
@@ -81,7 +82,8 @@ if triton is not None:
     @triton.jit
     def _attention_kernel(q_ptr, cache_ptr, pos_ptr, o_ptr, stride_kv, stride_b, stride_h, stride_s, T, scale,
                           NQ: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_enter(USE_PDL)
         bh = tl.program_id(0)
         mb = tl.program_id(1)
         b = bh // NKV
@@ -136,7 +138,7 @@ def qk_prep(qkv: torch.Tensor, qk_norm_w: torch.Tensor, cos: torch.Tensor, sin: 
     q = torch.empty(B * T, n_heads, D, dtype=qkv.dtype, device=qkv.device)
     _qk_prep_kernel[(B * T, n_heads + 2 * n_kv)](
         qkv, qk_norm_w, cos, sin, pos_BT, q, kv_cache, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-        kv_cache.stride(3), T, eps, NQ=n_heads, NKV=n_kv, D=D, num_warps=1)
+        kv_cache.stride(3), T, eps, NQ=n_heads, NKV=n_kv, D=D, num_warps=1, **pdl_args(qkv))
     return q
 
 
@@ -159,7 +161,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, pos_BT: torch.Tens
     cfg = CONFIG["attention"]
     _attention_kernel[grid](q, kv_cache, pos_BT.contiguous(), o, kv_cache.stride(0), kv_cache.stride(1),
                             kv_cache.stride(2), kv_cache.stride(3), T, D ** -0.5, NQ=n_heads, NKV=n_kv, D=D,
-                            BLOCK_M=BLOCK_M, BLOCK_S=cfg["BLOCK_S"], num_warps=cfg["num_warps"])
+                            BLOCK_M=BLOCK_M, BLOCK_S=cfg["BLOCK_S"], num_warps=cfg["num_warps"], **pdl_args(q))
     return o
 
 

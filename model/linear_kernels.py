@@ -16,6 +16,8 @@ the program first takes the RMS of its tokens' rows, then normalises x tiles as 
 (rounded to the model dtype like F.rms_norm's output): the layer's input norm costs no kernel
 of its own (at batch 1 torch's RMSNorm kernel took 3.7 us a layer, for 4 KB). Tiles are
 fixed, so a token's result is the same in a 1-token decode step and in a (K+1)-token verify step.
+Launched with programmatic dependent launch (model/moe_kernels.py's PDL); with PDL["prefetch"] the
+first weight tile is loaded before the kernel waits for the one that wrote x (measured slower; off).
 `linear` is a torch custom op, opaque to torch.compile.
 """
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from model.moe_kernels import tl, triton
+from model.moe_kernels import PDL, pdl_args, pdl_enter, tl, triton
 
 BLOCK_M = 16  # tokens per program (tl.dot's minimum; fixed for batch invariance)
 MAX_TOKENS = 64  # model/engine.py: more tokens go to F.linear
@@ -42,8 +44,30 @@ def config_for(N: int, K: int) -> str:
 if triton is not None:
 
     @triton.jit
+    def _x_tile(x_ptr, nw_ptr, r, rm, m_ok, c, K: tl.constexpr, MODEL_DT: tl.constexpr, NORM: tl.constexpr):
+        """Columns c of the tokens' rows, transposed [BLOCK_K, BLOCK_M]; with NORM, RMS-normed and
+        scaled by the norm weight, rounded to the model dtype (as F.rms_norm's output)."""
+        c_ok = c < K
+        xt = tl.load(x_ptr + rm[None, :] * K + c[:, None], mask=m_ok[None, :] & c_ok[:, None], other=0.0)
+        if NORM:
+            nw = tl.load(nw_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+            xt = (xt.to(tl.float32) * r[None, :] * nw[:, None]).to(MODEL_DT)
+        return xt
+
+    @triton.jit
+    def _accumulate(acc, x_ptr, nw_ptr, r, rm, m_ok, w_rows, n_ok, cols, k_from: tl.constexpr, K: tl.constexpr,
+                    BLOCK_K: tl.constexpr, MODEL_DT: tl.constexpr, NORM: tl.constexpr):
+        """acc + W[:, k_from:K] x[:, k_from:K]^T, tile by tile in order."""
+        for k0 in range(k_from, K, BLOCK_K):
+            c = k0 + cols
+            w = tl.load(w_rows + c[None, :], mask=n_ok[:, None] & (c < K)[None, :], other=0.0)
+            acc = tl.dot(w, _x_tile(x_ptr, nw_ptr, r, rm, m_ok, c, K, MODEL_DT, NORM), acc)
+        return acc
+
+    @triton.jit
     def _linear_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, M, N, eps, K: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODEL_DT: tl.constexpr, NORM: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MODEL_DT: tl.constexpr, NORM: tl.constexpr,
+                       USE_PDL: tl.constexpr, PREFETCH: tl.constexpr):
         pn = tl.program_id(0)
         pm = tl.program_id(1)
         rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -51,6 +75,10 @@ if triton is not None:
         n_ok = rn < N
         m_ok = rm < M
         cols = tl.arange(0, BLOCK_K)
+        w_rows = w_ptr + rn[:, None].to(tl.int64) * K
+        if PREFETCH:  # the first weight tile, before waiting for the kernel that wrote x (weights are never written)
+            w0 = tl.load(w_rows + cols[None, :], mask=n_ok[:, None] & (cols < K)[None, :], other=0.0)
+        pdl_enter(USE_PDL)
         if NORM:  # 1 / RMS of each token's row, as F.rms_norm computes it (fp32)
             ss = tl.zeros([BLOCK_K, BLOCK_M], tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -59,16 +87,14 @@ if triton is not None:
                              other=0.0).to(tl.float32)
                 ss += xt * xt
             r = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+        else:
+            r = tl.zeros([BLOCK_M], tl.float32)  # unused
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            c = k0 + cols
-            c_ok = c < K
-            w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + c[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0.0)
-            xt = tl.load(x_ptr + rm[None, :] * K + c[:, None], mask=m_ok[None, :] & c_ok[:, None], other=0.0)
-            if NORM:
-                nw = tl.load(nw_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-                xt = (xt.to(tl.float32) * r[None, :] * nw[:, None]).to(MODEL_DT)
-            acc = tl.dot(w, xt, acc)
+        if PREFETCH:  # tile 0, then the rest: the same order as without
+            acc = tl.dot(w0, _x_tile(x_ptr, nw_ptr, r, rm, m_ok, cols, K, MODEL_DT, NORM), acc)
+            acc = _accumulate(acc, x_ptr, nw_ptr, r, rm, m_ok, w_rows, n_ok, cols, BLOCK_K, K, BLOCK_K, MODEL_DT, NORM)
+        else:
+            acc = _accumulate(acc, x_ptr, nw_ptr, r, rm, m_ok, w_rows, n_ok, cols, 0, K, BLOCK_K, MODEL_DT, NORM)
         y = acc.to(MODEL_DT).to(y_ptr.dtype.element_ty)  # one rounding to the model dtype
         tl.store(y_ptr + rm[None, :].to(tl.int64) * N + rn[:, None], y, mask=n_ok[:, None] & m_ok[None, :])
 
@@ -88,13 +114,14 @@ def linear(x: torch.Tensor, w: torch.Tensor, fp32: bool = False, norm_w: torch.T
     assert w.shape[1] == K, f"weight {tuple(w.shape)} does not take inputs of {K} features"
     w = w.contiguous()  # (a no-op for the engine's weights, which are contiguous)
     y = torch.empty(M, N, dtype=torch.float32 if fp32 else x.dtype, device=x.device)
-    cfg = CONFIG[config_for(N, K)]
+    cfg, pdl = CONFIG[config_for(N, K)], pdl_args(x2)
     model_dt = getattr(tl, _TL_DTYPE[x.dtype])
     norm = norm_w is not None
     assert not norm or (norm_w.is_contiguous() and norm_w.shape == (K,))
     _linear_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, BLOCK_M))](
         x2, w, y, norm_w if norm else w, M, N, eps, K=K, BLOCK_M=BLOCK_M, BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], MODEL_DT=model_dt, NORM=norm, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BLOCK_K=cfg["BLOCK_K"], MODEL_DT=model_dt, NORM=norm, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PREFETCH=PDL["enabled"] and PDL["prefetch"], **pdl)
     return y.view(*x.shape[:-1], N)
 
 

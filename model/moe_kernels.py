@@ -35,6 +35,7 @@ custom ops, opaque to torch.compile (fullgraph works).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -44,6 +45,7 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the engine keeps its torch paths
     triton = tl = None
+pdl_enter = None  # a Triton function where triton is installed (below)
 
 MAX_TOKENS = 64  # model/engine.py: steps of more tokens use grouped GEMMs
 # tokens per tl.dot in the expert kernels, fixed so that results do not depend on N. At 16, a
@@ -60,6 +62,30 @@ CONFIG = {
 }
 
 
+# Programmatic dependent launch (Hopper and newer): every decode kernel here and in
+# model/attn_kernels.py and model/linear_kernels.py is launched so that the GPU may schedule it
+# while the kernel before it finishes. Each one first waits for the previous kernel's writes
+# (gdc_wait; it reads and writes nothing an earlier kernel wrote before that, so a later kernel can
+# never overtake an earlier one), then lets the next one be scheduled. On an H200 (Qwen3-30B-A3B
+# shape) a batch-1 decode step went from 3.07 to 2.82 ms (docs/BENCHMARKS.md). "prefetch" also
+# loads the linear kernel's first weight tile before its wait (weights are never written); it
+# measured slower (2.88 ms) and stays off. Off: MTP_DECODE_PDL=0, or PDL["enabled"] = False
+# (scripts/profile_decode.py --pdl off|noprefetch|on|all).
+PDL = {"enabled": os.environ.get("MTP_DECODE_PDL", "1") != "0", "prefetch": False}
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90_or_newer(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_args(t: torch.Tensor) -> dict:
+    """Launch arguments of a decode kernel for tensors on t's device: PDL where the GPU has it."""
+    on = PDL["enabled"] and t.is_cuda and _sm90_or_newer(t.device.index if t.device.index is not None
+                                                          else torch.cuda.current_device())
+    return {"USE_PDL": True, "launch_pdl": True} if on else {"USE_PDL": False}
+
+
 def available(device) -> bool:
     """Triton importable and able to run on `device` (CUDA, or the CPU interpreter)."""
     if triton is None:
@@ -70,6 +96,13 @@ def available(device) -> bool:
 
 
 if triton is not None:
+
+    @triton.jit
+    def pdl_enter(USE_PDL: tl.constexpr):
+        """Wait for the kernel before this one (its writes visible), then let the next be scheduled."""
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def _route(logit_ptr, E: tl.constexpr, E_POW2: tl.constexpr, TOP_K: tl.constexpr, K_POW2: tl.constexpr,
@@ -99,7 +132,9 @@ if triton is not None:
 
     @triton.jit
     def _router_kernel(x_ptr, a_ptr, nw_ptr, rw_ptr, h_ptr, hn_ptr, logit_ptr, eps,
-                       H: tl.constexpr, E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_IN: tl.constexpr):
+                       H: tl.constexpr, E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_IN: tl.constexpr,
+                       USE_PDL: tl.constexpr):
+        pdl_enter(USE_PDL)
         n = tl.program_id(0).to(tl.int64)
         eb = tl.program_id(1)
         dt = x_ptr.dtype.element_ty
@@ -130,7 +165,8 @@ if triton is not None:
 
     @triton.jit
     def _route_kernel(logit_ptr, ids_ptr, wts_ptr, E: tl.constexpr, E_POW2: tl.constexpr, TOP_K: tl.constexpr,
-                      K_POW2: tl.constexpr, NORM_TOPK: tl.constexpr):
+                      K_POW2: tl.constexpr, NORM_TOPK: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_enter(USE_PDL)
         n = tl.program_id(0)
         ids, weights = _route(logit_ptr + n * E, E, E_POW2, TOP_K, K_POW2, NORM_TOPK)
         ks = tl.arange(0, K_POW2)
@@ -163,7 +199,8 @@ if triton is not None:
     def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, act_ptr, stride_we, stride_wr, N,
                         H: tl.constexpr, I: tl.constexpr, E_POW2: tl.constexpr, P_POW2: tl.constexpr,
                         TOP_K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-                        BLOCK_I: tl.constexpr, BLOCK_IN: tl.constexpr):
+                        BLOCK_I: tl.constexpr, BLOCK_IN: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_enter(USE_PDL)
         u = tl.program_id(0)
         blk = tl.program_id(1)
         e, count = _expert_of(ids_ptr, u, N * TOP_K, E_POW2, P_POW2)
@@ -194,7 +231,8 @@ if triton is not None:
     def _down_kernel(act_ptr, ids_ptr, wts_ptr, w_ptr, y_ptr, stride_we, stride_wr, N,
                      H: tl.constexpr, I: tl.constexpr, E_POW2: tl.constexpr, P_POW2: tl.constexpr,
                      TOP_K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_IN: tl.constexpr):
+                     BLOCK_H: tl.constexpr, BLOCK_IN: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_enter(USE_PDL)
         u = tl.program_id(0)
         blk = tl.program_id(1)
         e, count = _expert_of(ids_ptr, u, N * TOP_K, E_POW2, P_POW2)
@@ -217,7 +255,9 @@ if triton is not None:
                 tl.store(y_ptr + pair[None, :] * H + rows[:, None], acc * wt[None, :], mask=row_ok[:, None] & active[None, :])
 
     @triton.jit
-    def _combine_kernel(y_ptr, res_ptr, out_ptr, H: tl.constexpr, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    def _combine_kernel(y_ptr, res_ptr, out_ptr, H: tl.constexpr, TOP_K: tl.constexpr, BLOCK: tl.constexpr,
+                        USE_PDL: tl.constexpr):
+        pdl_enter(USE_PDL)
         n = tl.program_id(0)
         c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         c_ok = c < H
@@ -243,12 +283,12 @@ def router(x_NH: torch.Tensor, attn_NH: torch.Tensor, norm_w: torch.Tensor, rout
     logits = torch.empty(N, E, dtype=x_NH.dtype, device=dev)
     ids = torch.empty(N, top_k, dtype=torch.int32, device=dev)
     wts = torch.empty(N, top_k, dtype=torch.float32, device=dev)
-    cfg = CONFIG["router"]
+    cfg, pdl = CONFIG["router"], pdl_args(x_NH)
     _router_kernel[(N, triton.cdiv(E, cfg["BLOCK_E"]))](
         x_NH, attn_NH, norm_w, router_w, h, hn, logits, eps, H=H, E=E, BLOCK_E=cfg["BLOCK_E"],
-        BLOCK_IN=cfg["BLOCK_IN"], num_warps=cfg["num_warps"])
+        BLOCK_IN=cfg["BLOCK_IN"], num_warps=cfg["num_warps"], **pdl)
     _route_kernel[(N,)](logits, ids, wts, E=E, E_POW2=triton.next_power_of_2(E), TOP_K=top_k,
-                        K_POW2=triton.next_power_of_2(top_k), NORM_TOPK=norm_topk, num_warps=1)
+                        K_POW2=triton.next_power_of_2(top_k), NORM_TOPK=norm_topk, num_warps=1, **pdl)
     return h, hn, ids, wts
 
 
@@ -277,7 +317,7 @@ def experts(hn_NH: torch.Tensor, ids_Nk: torch.Tensor, wts_Nk: torch.Tensor, res
     g, d, c = CONFIG["gate_up"], CONFIG["down"], CONFIG["combine"]
     used = min(P, E)  # programs for the distinct experts; those past the count return at once
     common = dict(E_POW2=E_POW2, P_POW2=P_POW2, TOP_K=top_k, K_POW2=K_POW2, BLOCK_N=BLOCK_N,
-                  GROUPS=triton.cdiv(N, BLOCK_N))
+                  GROUPS=triton.cdiv(N, BLOCK_N), **pdl_args(hn_NH))
     _gate_up_kernel[(used, triton.cdiv(I, g["BLOCK_I"]))](
         hn_NH, ids, gate_up, act, gate_up.stride(0), gate_up.stride(1), N, H=H, I=I, **common,
         BLOCK_I=g["BLOCK_I"], BLOCK_IN=g["BLOCK_IN"], num_warps=g["num_warps"], num_stages=g["num_stages"])
@@ -285,7 +325,7 @@ def experts(hn_NH: torch.Tensor, ids_Nk: torch.Tensor, wts_Nk: torch.Tensor, res
         act, ids, wts, down, y, down.stride(0), down.stride(1), N, H=H, I=I, **common,
         BLOCK_H=d["BLOCK_H"], BLOCK_IN=d["BLOCK_IN"], num_warps=d["num_warps"], num_stages=d["num_stages"])
     _combine_kernel[(N, triton.cdiv(H, c["BLOCK"]))](y, res_NH, out, H=H, TOP_K=top_k, BLOCK=c["BLOCK"],
-                                                      num_warps=c["num_warps"])
+                                                      num_warps=c["num_warps"], **pdl_args(hn_NH))
     return out
 
 

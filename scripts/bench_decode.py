@@ -204,6 +204,7 @@ def main(argv=None) -> int:
         "transformers": transformers.__version__, "triton": getattr(moe_kernels.triton, "__version__", None),
         "ctx": a.ctx, "iters": a.iters, "hf_tokens": a.hf_tokens, "kernels": kernel_sets,
         "torch_path_experts": a.experts or ("grouped_mm" if cuda else "loop"), "hbm_bandwidth_tbps": a.bandwidth_tbps,
+        "triton_pdl": moe_kernels.PDL["enabled"],  # MTP_DECODE_PDL
         "kernel_config": {"moe": moe_kernels.CONFIG, "attention": attn_kernels.CONFIG, "linear": linear_kernels.CONFIG},
         "decode_tok_s": {}, "verify_step_ms": {}, "spec_step_ms": {},  # best mode per batch size
         "decode_tok_s_by_mode": {}, "decode_step_ms_by_mode": {}, "verify_step_ms_by_mode": {}, "spec_step_ms_by_mode": {},

@@ -52,6 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--tune-kernels", default=None, help="comma-separated subset of the tuned kernels (default all)")
     p.add_argument("--check", action="store_true", help="both kernel settings against transformers, and lossless")
     p.add_argument("--hf-tokens", type=int, default=32, help="new tokens of the lossless check")
+    p.add_argument("--pdl", default="noprefetch", choices=["off", "noprefetch", "on", "all"],
+                   help="programmatic dependent launch of the Triton kernels (model/moe_kernels.py's PDL): "
+                        "noprefetch (the default) or on (also the linear kernel's early weight tile); "
+                        "all: each run off, noprefetch, on")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -190,28 +194,31 @@ def main(argv=None) -> int:
             res["check"][f"lossless_{kernels}"] = out
             log(f"lossless {kernels}: {out['mismatching_rows']} of 8 rows differ")
     gen = torch.Generator().manual_seed(0)
-    for mode in a.modes.split(","):
+    pdl_settings = ["off", "noprefetch", "on"] if a.pdl == "all" else [a.pdl]
+    for mode, B, pdl in [(m, int(b), p) for m in a.modes.split(",") for b in a.batch_sizes.split(",")
+                         for p in pdl_settings]:
         kind, kernels, experts = (mode.split(":") + ["", ""])[:3]
-        for B in [int(x) for x in a.batch_sizes.split(",")]:
-            prompts = torch.randint(0, cfg.vocab_size, (B, a.ctx), generator=gen).tolist()
-            max_new = a.iters * 3 + a.profile_steps + 8
-            tlm = TargetLM(model, experts=experts or None, compile=kind == "compiled", kernels=kernels or None)
-            eng = Engine(tlm, None, batch_size=B, max_len=a.ctx + max_new + 4, max_new_tokens=max_new, steps=1)
-            step = eng.start(prompts, speculative=False)
-            ms = time_steps(step, a.iters, device)
-            table = kernel_table(step, a.profile_steps, device)
-            covered = sum(r["us_per_step"] for r in table)
-            floor = hbm_floor_ms(cfg, B, 1, 4.3)
-            log(f"{mode} B={B}: step {ms:.3f} ms ({B * 1e3 / ms:.0f} tok/s), kernels {covered / 1e3:.3f} ms, "
-                f"{sum(r['calls_per_step'] for r in table):.0f} launches, floor {floor:.3f} ms")
-            print("| kernel | calls/step | us/step | share |\n|---|---:|---:|---:|")
-            for r in table[: a.top]:
-                print(f"| {r['kernel'][:90]} | {r['calls_per_step']:.0f} | {r['us_per_step']:.1f} | {r['us_per_step'] / (ms * 10):.1f}% |")
-            print(f"| gaps (step - kernels) | | {ms * 1e3 - covered:.1f} | {(ms * 1e3 - covered) / (ms * 10):.1f}% |\n", flush=True)
-            res["runs"].append({"mode": mode, "batch": B, "step_ms": ms, "kernels_ms": covered / 1e3,
-                                "floor_ms": floor, "kernels": table})
-            del eng, step, tlm
-            torch.cuda.empty_cache() if device.type == "cuda" else None
+        moe_kernels.PDL.update(enabled=pdl != "off", prefetch=pdl == "on")
+        prompts = torch.randint(0, cfg.vocab_size, (B, a.ctx), generator=gen).tolist()
+        max_new = a.iters * 3 + a.profile_steps + 8
+        tlm = TargetLM(model, experts=experts or None, compile=kind == "compiled", kernels=kernels or None)
+        eng = Engine(tlm, None, batch_size=B, max_len=a.ctx + max_new + 4, max_new_tokens=max_new, steps=1)
+        step = eng.start(prompts, speculative=False)
+        ms = time_steps(step, a.iters, device)
+        table = kernel_table(step, a.profile_steps, device)
+        covered = sum(r["us_per_step"] for r in table)
+        floor = hbm_floor_ms(cfg, B, 1, 4.3)
+        log(f"{mode} B={B} pdl={pdl}: step {ms:.3f} ms ({B * 1e3 / ms:.0f} tok/s), "
+            f"kernels {covered / 1e3:.3f} ms, "
+            f"{sum(r['calls_per_step'] for r in table):.0f} launches, floor {floor:.3f} ms")
+        print("| kernel | calls/step | us/step | share |\n|---|---:|---:|---:|")
+        for r in table[: a.top]:
+            print(f"| {r['kernel'][:90]} | {r['calls_per_step']:.0f} | {r['us_per_step']:.1f} | {r['us_per_step'] / (ms * 10):.1f}% |")
+        print(f"| gaps (step - kernels) | | {ms * 1e3 - covered:.1f} | {(ms * 1e3 - covered) / (ms * 10):.1f}% |\n", flush=True)
+        res["runs"].append({"mode": mode, "batch": B, "pdl": pdl, "step_ms": ms, "kernels_ms": covered / 1e3,
+                            "floor_ms": floor, "kernels": table})
+        del eng, step, tlm
+        torch.cuda.empty_cache() if device.type == "cuda" else None
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=1))

@@ -116,6 +116,44 @@ def test_linear_kernel_matches_f_linear_and_is_batch_invariant():
 
 
 @needs_triton
+@pytest.mark.parametrize("norm", [False, True])
+def test_linear_kernel_first_tile_early_gives_the_same_bits(norm, monkeypatch):
+    """The linear kernel's first weight tile, loaded before the PDL wait, is accumulated in the
+    same order as without it: the two forms agree bit for bit (one tile, and several)."""
+    from model import linear_kernels, moe_kernels
+
+    gen = torch.Generator().manual_seed(3)
+    for K in (64, 700):  # BLOCK_K is 256 for these shapes: one tile, and three with a ragged end
+        w = torch.randn(96, K, generator=gen).to(DEV)
+        x = torch.randn(5, K, generator=gen).to(DEV)
+        norm_w = (torch.rand(K, generator=gen) + 0.5).to(DEV) if norm else None
+        monkeypatch.setitem(moe_kernels.PDL, "prefetch", True)
+        early = linear_kernels.linear(x, w, norm_w=norm_w)
+        monkeypatch.setitem(moe_kernels.PDL, "prefetch", False)
+        plain = linear_kernels.linear(x, w, norm_w=norm_w)
+        assert torch.equal(early, plain)
+        ref = torch.nn.functional.rms_norm(x, (K,), norm_w, 1e-6) if norm else x
+        torch.testing.assert_close(early, torch.nn.functional.linear(ref, w), atol=1e-4, rtol=1e-4)
+
+
+def test_pdl_launch_arguments_only_on_a_cuda_device(monkeypatch):
+    """Programmatic dependent launch is asked for on CUDA devices of compute capability 9+ only,
+    and never when it is turned off."""
+    from model import moe_kernels
+
+    assert moe_kernels.pdl_args(torch.zeros(1)) == {"USE_PDL": False}
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(moe_kernels, "_sm90_or_newer", lambda index: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert moe_kernels.pdl_args(torch.zeros(1)) == {"USE_PDL": True, "launch_pdl": True}
+    monkeypatch.setitem(moe_kernels.PDL, "enabled", False)
+    assert moe_kernels.pdl_args(torch.zeros(1)) == {"USE_PDL": False}
+    monkeypatch.setitem(moe_kernels.PDL, "enabled", True)
+    monkeypatch.setattr(moe_kernels, "_sm90_or_newer", lambda index: False)
+    assert moe_kernels.pdl_args(torch.zeros(1)) == {"USE_PDL": False}
+
+
+@needs_triton
 def test_attention_kernels_match_torch_path_and_are_batch_invariant(tiny):
     """q/k norm + RoPE + cache write + attention against qwen3_forward.py's SDPA path, on a cache
     with stale entries past each row's length; a row's result is the same whether the step
