@@ -68,8 +68,9 @@ GRID = {
     "combine": [dict(BLOCK=b, num_warps=w) for b in (256, 512, 1024) for w in (2, 4)],
     "router": [dict(BLOCK_E=be, BLOCK_IN=bk, num_warps=w) for be in (2, 4, 8) for bk in (512, 1024) for w in (4, 8)],
     "attention": [dict(BLOCK_S=bs, num_warps=w) for bs in (32, 64, 128) for w in (4, 8)],
+    # 16: 320 programs for q/k/v at batch 1, spread over all 132 SMs of an H200 (64 fills 80 of them)
     "small": [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
-              for bn in (32, 64, 128) for bk in (128, 256, 512) for w in (4, 8) for st in (3, 4, 5)],
+              for bn in (16, 32, 64, 128) for bk in (128, 256, 512) for w in (4, 8) for st in (3, 4, 5)],
     "wide": [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
              for bn in (16, 32, 64) for bk in (256, 512, 1024) for w in (4, 8) for st in (3, 4, 5)],
     "large": [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
