@@ -32,7 +32,8 @@ Design (gpt-fast style):
 - kernels="triton" (the default on CUDA when Triton is installed): decode-sized steps run each
   layer in nine Triton kernels (model/linear_kernels.py, attn_kernels.py, moe_kernels.py) instead
   of ~20 torch kernels; their tiles do not depend on the step's token count, so a verify step
-  computes the same numbers as plain decoding of the same token. kernels="torch" is the torch
+  computes the same numbers as plain decoding of the same token. On Hopper they are launched
+  with programmatic dependent launch (moe_kernels.PDL). kernels="torch" is the torch
   path (SDPA, cuBLAS, `experts` = grouped_mm on CUDA), which prefill always uses.
 - drafters (model/drafters.py) plug in through the `Drafter` protocol below.
 
