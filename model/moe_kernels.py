@@ -76,7 +76,9 @@ PDL = {"enabled": os.environ.get("MTP_DECODE_PDL", "1") != "0", "prefetch": Fals
 
 @functools.lru_cache(maxsize=None)
 def _sm90_or_newer(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
+    """A GPU with PDL (compute capability 9+) and a Triton that can ask for it (3.3 and newer)."""
+    cuda = getattr(getattr(tl, "extra", None), "cuda", None)
+    return torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(cuda, "gdc_wait")
 
 
 def pdl_args(t: torch.Tensor) -> dict:
