@@ -71,11 +71,19 @@ CONFIG = {
 # loads the linear kernel's first weight tile before its wait (weights are never written); it
 # measured slower (2.88 ms) and stays off. Off: MTP_DECODE_PDL=0, or PDL["enabled"] = False
 # (scripts/profile_decode.py --pdl off|noprefetch|on|all).
-PDL = {"enabled": os.environ.get("MTP_DECODE_PDL", "1") != "0", "prefetch": False}
+def _pdl_from_env(value: str | None) -> bool:
+    """MTP_DECODE_PDL: unset, 1/on/true (the default) or 0/off/false."""
+    v = (value or "1").strip().lower()
+    if v not in ("0", "1", "on", "off", "true", "false"):
+        raise ValueError(f"MTP_DECODE_PDL={value!r}: use 1 (programmatic dependent launch, the default) or 0 (off)")
+    return v in ("1", "on", "true")
+
+
+PDL = {"enabled": _pdl_from_env(os.environ.get("MTP_DECODE_PDL")), "prefetch": False}
 
 
 @functools.lru_cache(maxsize=None)
-def _sm90_or_newer(index: int) -> bool:
+def _pdl_capable(index: int) -> bool:
     """A GPU with PDL (compute capability 9+) and a Triton that can ask for it (3.3 and newer)."""
     cuda = getattr(getattr(tl, "extra", None), "cuda", None)
     return torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(cuda, "gdc_wait")
@@ -83,7 +91,7 @@ def _sm90_or_newer(index: int) -> bool:
 
 def pdl_args(t: torch.Tensor) -> dict:
     """Launch arguments of a decode kernel for tensors on t's device: PDL where the GPU has it."""
-    on = PDL["enabled"] and t.is_cuda and _sm90_or_newer(t.device.index if t.device.index is not None
+    on = PDL["enabled"] and t.is_cuda and _pdl_capable(t.device.index if t.device.index is not None
                                                           else torch.cuda.current_device())
     return {"USE_PDL": True, "launch_pdl": True} if on else {"USE_PDL": False}
 
@@ -318,8 +326,9 @@ def experts(hn_NH: torch.Tensor, ids_Nk: torch.Tensor, wts_Nk: torch.Tensor, res
     out = torch.empty_like(res_NH)
     g, d, c = CONFIG["gate_up"], CONFIG["down"], CONFIG["combine"]
     used = min(P, E)  # programs for the distinct experts; those past the count return at once
+    pdl = pdl_args(hn_NH)
     common = dict(E_POW2=E_POW2, P_POW2=P_POW2, TOP_K=top_k, K_POW2=K_POW2, BLOCK_N=BLOCK_N,
-                  GROUPS=triton.cdiv(N, BLOCK_N), **pdl_args(hn_NH))
+                  GROUPS=triton.cdiv(N, BLOCK_N), **pdl)
     _gate_up_kernel[(used, triton.cdiv(I, g["BLOCK_I"]))](
         hn_NH, ids, gate_up, act, gate_up.stride(0), gate_up.stride(1), N, H=H, I=I, **common,
         BLOCK_I=g["BLOCK_I"], BLOCK_IN=g["BLOCK_IN"], num_warps=g["num_warps"], num_stages=g["num_stages"])
@@ -327,7 +336,7 @@ def experts(hn_NH: torch.Tensor, ids_Nk: torch.Tensor, wts_Nk: torch.Tensor, res
         act, ids, wts, down, y, down.stride(0), down.stride(1), N, H=H, I=I, **common,
         BLOCK_H=d["BLOCK_H"], BLOCK_IN=d["BLOCK_IN"], num_warps=d["num_warps"], num_stages=d["num_stages"])
     _combine_kernel[(N, triton.cdiv(H, c["BLOCK"]))](y, res_NH, out, H=H, TOP_K=top_k, BLOCK=c["BLOCK"],
-                                                      num_warps=c["num_warps"], **pdl_args(hn_NH))
+                                                      num_warps=c["num_warps"], **pdl)
     return out
 
 

@@ -143,14 +143,24 @@ def test_pdl_launch_arguments_only_on_a_cuda_device(monkeypatch):
 
     assert moe_kernels.pdl_args(torch.zeros(1)) == {"USE_PDL": False}
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    monkeypatch.setattr(moe_kernels, "_sm90_or_newer", lambda index: True)
+    monkeypatch.setattr(moe_kernels, "_pdl_capable", lambda index: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert moe_kernels.pdl_args(torch.zeros(1)) == {"USE_PDL": True, "launch_pdl": True}
     monkeypatch.setitem(moe_kernels.PDL, "enabled", False)
     assert moe_kernels.pdl_args(torch.zeros(1)) == {"USE_PDL": False}
     monkeypatch.setitem(moe_kernels.PDL, "enabled", True)
-    monkeypatch.setattr(moe_kernels, "_sm90_or_newer", lambda index: False)
+    monkeypatch.setattr(moe_kernels, "_pdl_capable", lambda index: False)
     assert moe_kernels.pdl_args(torch.zeros(1)) == {"USE_PDL": False}
+
+
+def test_pdl_env_switch_is_read_strictly():
+    """MTP_DECODE_PDL takes 1/0 (and on/off, true/false); anything else is refused by name."""
+    from model.moe_kernels import _pdl_from_env
+
+    assert _pdl_from_env(None) and _pdl_from_env("1") and _pdl_from_env(" ON ")
+    assert not _pdl_from_env("0") and not _pdl_from_env("false")
+    with pytest.raises(ValueError, match="MTP_DECODE_PDL='no'"):
+        _pdl_from_env("no")
 
 
 @needs_triton
