@@ -37,7 +37,11 @@ SMALL = dict(
     num_attention_heads=8, num_key_value_heads=4, head_dim=64, num_experts=32, num_experts_per_tok=4,
 )
 
-NAMED = {"qwen3-30b-a3b": QWEN3_30B_A3B, "qwen3-235b-a22b": QWEN3_235B_A22B, "small": SMALL, "tiny": TINY}
+# The demo target's shape (train/demo_target.py, 467M params): for benchmarks of its steps.
+DEMO = dict(SMALL, num_hidden_layers=12, num_experts=64)
+
+NAMED = {"qwen3-30b-a3b": QWEN3_30B_A3B, "qwen3-235b-a22b": QWEN3_235B_A22B, "small": SMALL, "demo": DEMO,
+         "tiny": TINY}
 
 
 def make_config(name: str = "tiny", **overrides) -> Qwen3MoeConfig:

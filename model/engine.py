@@ -33,8 +33,10 @@ Design (gpt-fast style):
   layer in nine Triton kernels (model/linear_kernels.py, attn_kernels.py, moe_kernels.py) instead
   of ~20 torch kernels; their tiles do not depend on the step's token count, so a verify step
   computes the same numbers as plain decoding of the same token. On Hopper they are launched
-  with programmatic dependent launch (moe_kernels.PDL). kernels="torch" is the torch
-  path (SDPA, cuBLAS, `experts` = grouped_mm on CUDA), which prefill always uses.
+  with programmatic dependent launch (moe_kernels.PDL). Bigger decode and verify steps (data
+  regeneration at batch 256) keep the Triton attention, which reads a row's cache only up to its
+  length, around torch linears and experts. kernels="torch" is the torch path (SDPA, cuBLAS,
+  `experts` = grouped_mm on CUDA), which prefill always uses.
 - drafters (model/drafters.py) plug in through the `Drafter` protocol below.
 
 Footguns: the target's and head's KV writes of finished rows are harmless (lengths frozen);
@@ -55,12 +57,13 @@ from model import linear_kernels, moe_kernels
 from model.acceptance import SamplingParams, VerifyRule, sample, verify_drafts
 from model.head import MTPHead
 from model.qwen3_forward import (
-    EXPERT_IMPLS, Dims, LayerWeights, decoder_layer, decoder_layer_triton, rms_norm, rope_table, step_mask,
+    EXPERT_IMPLS, Dims, LayerWeights, decoder_layer, decoder_layer_big_step, decoder_layer_triton, rms_norm, rope_table, step_mask,
 )
 from model.target import FrozenTarget
 
 # "triton": decode-sized steps (<= MAX_STEP_TOKENS tokens) run model/attn_kernels.py,
-# model/moe_kernels.py and model/linear_kernels.py; the prefill and bigger steps the torch path
+# model/moe_kernels.py and model/linear_kernels.py; bigger decode/verify steps the torch path with
+# the Triton attention (decoder_layer_big_step); the prefill the torch path
 KERNEL_IMPLS = ("torch", "triton")
 MAX_STEP_TOKENS = min(moe_kernels.MAX_TOKENS, linear_kernels.MAX_TOKENS)
 CACHE_ALIGN = 16  # slots; keeps SDPA's attention-mask rows aligned for the fused kernels
@@ -124,6 +127,11 @@ class LayerStack:
                                             self.experts_step)
                 else:
                     x_BTH = self.layer_triton(x_BTH, lw, self.dims, self.kv_cache[i], self.cos, self.sin, pos_BT)
+            return x_BTH
+        if not prefill and self.kernels == "triton":  # a big step: Triton attention only
+            for i, lw in enumerate(self.layers):
+                x_BTH = decoder_layer_big_step(x_BTH, lw, self.dims, self.kv_cache[i], self.cos, self.sin, pos_BT,
+                                               self.experts_step)
             return x_BTH
         cos, sin = self.cos[pos_BT].unsqueeze(2), self.sin[pos_BT].unsqueeze(2)
         bidx = torch.arange(B, device=pos_BT.device)[:, None].expand(B, T)

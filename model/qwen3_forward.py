@@ -183,6 +183,17 @@ def decoder_layer_triton(x_BTH, lw: LayerWeights, d: Dims, kv_cache, cos_SD, sin
     return moe_kernels.experts(hn, ids, wts, h, lw.gate_up, lw.down).view(B, T, H)
 
 
+def decoder_layer_big_step(x_BTH, lw: LayerWeights, d: Dims, kv_cache, cos_SD, sin_SD, pos_BT, experts: str):
+    """One decoder layer of a step too big for the Triton GEMV and expert kernels (regeneration at
+    batch 256, say): torch linears and experts, with the Triton q/k prep and attention, which
+    read each row's cache only up to its position (SDPA with a mask reads all S slots of every
+    row: half of such a step's time on an H200)."""
+    qkv = F.linear(rms_norm(x_BTH, lw.input_norm, d.eps), lw.qkv)
+    q = attn_kernels.qk_prep(qkv, lw.qk_norm, cos_SD, sin_SD, kv_cache, pos_BT, d.eps, d.n_heads, d.n_kv)
+    h = x_BTH + F.linear(attn_kernels.decode_attention(q, kv_cache, pos_BT, d.n_kv), lw.o)
+    return h + mlp(rms_norm(h, lw.post_norm, d.eps), lw, d, experts)
+
+
 def decoder_layer(x_BTH, lw: LayerWeights, d: Dims, kv_cache, cos, sin, mask, bidx, pos, experts: str):
     """One Qwen3-MoE decoder layer (pre-norm attention + pre-norm MoE, residuals)."""
     h = x_BTH + attention(rms_norm(x_BTH, lw.input_norm, d.eps), lw, d, kv_cache, cos, sin, mask, bidx, pos)

@@ -76,3 +76,15 @@ def test_an_unknown_vocab_setting_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="--vocab 'used'.*'data' or 'full'"):
         train_demo_target(DemoRecipe(out=str(tmp_path / "t"), vocab="used", smoke=True))
     assert not (tmp_path / "t").exists()
+
+
+def test_named_demo_config_is_the_demo_targets_shape():
+    """bench_decode.py --config demo times the steps of the model make_demo_target.py trains."""
+    from model.configs import make_config
+    from train.demo_target import DEMO
+
+    named, trained = make_config("demo").to_dict(), make_config("tiny", **DEMO).to_dict()
+    for key in ("hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok", "vocab_size",
+                "tie_word_embeddings"):
+        assert named[key] == trained[key], key

@@ -214,3 +214,30 @@ def test_engine_on_triton_kernels_matches_torch_path_and_is_lossless(tiny):
         assert [r.output_ids for r in spec.rows] == outs[kernels]
         assert sum(sum(r.hist) for r in spec.rows) > 0
     assert outs["triton"] == outs["torch"]
+
+
+@needs_triton
+def test_big_steps_keep_triton_attention_and_match_torch_path(tiny, monkeypatch):
+    """Steps over MAX_STEP_TOKENS tokens (regeneration at batch 256) run torch linears and experts
+    around the Triton attention: the same greedy tokens as the torch path, plain and speculative."""
+    from model import engine as engine_mod
+    from model import qwen3_forward
+
+    cfg, model, prompts = tiny
+    monkeypatch.setattr(engine_mod, "MAX_STEP_TOKENS", 2)  # every step of 3 prompts is "big"
+    calls = []
+    real = qwen3_forward.decoder_layer_big_step
+    monkeypatch.setattr(engine_mod, "decoder_layer_big_step", lambda *a: calls.append(1) or real(*a))
+    with torch.device(DEV):
+        head = MTPHead(cfg).float().eval()
+    head.layers[0].load_state_dict(model.model.layers[-1].state_dict())
+    outs = {}
+    for kernels in ("torch", "triton"):
+        tlm = TargetLM(model, kernels=kernels)
+        eng = Engine(tlm, MTPDrafter(MTPHeadLM(head, tlm, kernels=kernels)), batch_size=len(prompts), max_len=40,
+                     max_new_tokens=6, steps=2, eos_ids=(1,))
+        plain = [r.output_ids for r in eng.generate(prompts, speculative=False).rows]
+        assert [r.output_ids for r in eng.generate(prompts).rows] == plain
+        outs[kernels] = plain
+        assert bool(calls) == (kernels == "triton")
+    assert outs["triton"] == outs["torch"]
