@@ -17,7 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from train.study import DEFAULT_HEADS, HEADS, run_study
+from train.study import DEFAULT_HEADS, HEADS, STUDY_KEYS, run_study
+from train.config import load_config
 from train.study_results import markdown
 
 
@@ -43,6 +44,9 @@ def parse_args(argv=None):
                    help="training tokens per head: train.max_steps = ceil(this / (batch x mean row length))")
     p.add_argument("--train-batch-size", type=int, default=32, help="rows per optimizer step (one process per head)")
     p.add_argument("--train-lr", type=float, default=1e-3)
+    p.add_argument("--train-overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more train_mtp.py config overrides for every head, e.g. head.compile=true (not the keys "
+                        "the study sets itself)")
     p.add_argument("--curve-points", type=int, default=10, help="held-out evaluations per head (the training curve)")
     p.add_argument("--train-budget-s", type=float, default=480.0, help="then SIGTERM: the heads checkpoint; a rerun resumes")
     p.add_argument("--heldout-prompts", type=int, default=100)
@@ -66,6 +70,18 @@ def parse_args(argv=None):
         p.error("--ks, --fp8-block and --projection-batches take positive integers")
     if not a.heads:
         p.error("--heads needs at least one head")
+    for o in a.train_overrides:
+        key = o.split("=", 1)[0]
+        if "=" not in o or not key:
+            p.error(f"--train-overrides {o!r}: expected KEY=VALUE, e.g. head.compile=true")
+        if key in STUDY_KEYS:
+            p.error(f"--train-overrides {o!r}: the study sets {key} itself (use its own flag, e.g. --train-lr, "
+                    "--train-batch-size, --train-tokens, --heads)")
+    if a.train_overrides:  # unknown keys and bad values fail now, not minutes later in the train phase
+        try:
+            load_config(None, list(a.train_overrides))
+        except ValueError as e:
+            p.error(f"--train-overrides: {e}")
     if a.smoke:
         a.data = "sharegpt-package" if a.data == p.get_default("data") else a.data
         a.results = str(Path(a.work) / "acceptance_study.json") if a.results == p.get_default("results") else a.results

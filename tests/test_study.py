@@ -278,3 +278,20 @@ def test_study_refuses_a_missing_mt_bench_file(tmp_path, capsys):
     a = acceptance_study.parse_args(["--phase", "eval"])
     assert a.heads == DEFAULT_HEADS and a.train_tokens == 25_000_000 and a.eval_batch_size == 16
     assert a.mt_bench == "data/mt_bench/question.jsonl" and a.step_times == "docs/results/eval_speed.json"
+
+
+def test_train_overrides_reach_every_head_but_not_the_studys_own_keys(tmp_path):
+    from train.study import STUDY_KEYS, train_command
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "data.json").write_text(json.dumps({"holdout": 5, "mean_length": {"regen": 700.0}}))
+    script = load_script("acceptance_study")
+    a = script.parse_args(["--phase", "train", "--work", str(tmp_path), "--train-overrides", "head.compile=true"])
+    plan = train_plan(a, tmp_path, "k1-ce-random-regen")
+    cmd = train_command(a, tmp_path, "k1-ce-random-regen", 29600, plan)
+    assert cmd[-1] == "head.compile=true"
+    study_keys = {c.split("=", 1)[0] for c in cmd[cmd.index("configs/gpu_small.yaml") + 2: -1]}
+    assert study_keys == set(STUDY_KEYS)  # the refused keys are exactly the ones the study sets
+    for bad in (["train.max_steps=3"], ["head.bogus=1"], ["nokey"]):
+        with pytest.raises(SystemExit):
+            script.parse_args(["--phase", "train", "--train-overrides", *bad])

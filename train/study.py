@@ -20,7 +20,8 @@ Phases:
           one process per head, all heads at once on the one GPU; train.max_steps =
           ceil(--train-tokens / (--train-batch-size x mean length)), train.heldout_every so the
           held-out curve has about --curve-points points. After --train-budget-s the heads get
-          SIGTERM (they checkpoint); a rerun resumes them.
+          SIGTERM (they checkpoint); a rerun resumes them. --train-overrides adds config
+          overrides for every head (head.compile=true, say), never the keys above.
   eval    model.evaluate.evaluate on one loaded target: drafters (n-gram, each head) x prompt
           sets (MT-Bench, held-out ShareGPT) x sampling (greedy; the target's recommended
           sampling from its generation_config.json) x K, SGLang's target-only rule, prompts
@@ -176,7 +177,17 @@ def train_command(a, W: Path, name: str, port: int, plan: dict) -> list[str]:
         "train.warmup_steps=30", f"train.save_every={plan['save_every']}", "train.log_every=20",
         f"train.heldout_every={plan['heldout_every']}", "train.resume=auto", f"train.seed={a.seed}",
         "log.backend=none", "eval.enabled=false", "export.enabled=false",
+        *getattr(a, "train_overrides", []),  # checked by scripts/acceptance_study.py: no key above
     ]
+
+
+# config keys train_command sets itself: --train-overrides may not change them (the plan, the
+# head's identity and the study's layout depend on them)
+STUDY_KEYS = ("target.path", "data.train", "data.limit", "data.holdout", "data.max_length", "data.enable_thinking",
+              "head.num_steps", "head.loss", "head.init", "train.output_dir", "train.max_steps",
+              "train.micro_batch_size", "train.grad_accum", "train.lr", "train.warmup_steps", "train.save_every",
+              "train.log_every", "train.heldout_every", "train.resume", "train.seed", "log.backend", "eval.enabled",
+              "export.enabled")
 
 
 def phase_train(a, W: Path) -> None:
