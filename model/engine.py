@@ -57,7 +57,8 @@ from model import linear_kernels, moe_kernels
 from model.acceptance import SamplingParams, VerifyRule, sample, verify_drafts
 from model.head import MTPHead
 from model.qwen3_forward import (
-    EXPERT_IMPLS, Dims, LayerWeights, decoder_layer, decoder_layer_big_step, decoder_layer_triton, rms_norm, rope_table, step_mask,
+    EXPERT_IMPLS, Dims, LayerWeights, decoder_layer, decoder_layer_big_step, decoder_layer_triton, rms_norm, rope_table,
+    step_mask,
 )
 from model.target import FrozenTarget
 

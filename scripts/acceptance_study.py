@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from train.study import DEFAULT_HEADS, HEADS, STUDY_KEYS, run_study
-from train.config import load_config
+from train.config import load_config, parse_override
 from train.study_results import markdown
 
 
@@ -70,18 +70,16 @@ def parse_args(argv=None):
         p.error("--ks, --fp8-block and --projection-batches take positive integers")
     if not a.heads:
         p.error("--heads needs at least one head")
-    for o in a.train_overrides:
-        key = o.split("=", 1)[0]
-        if "=" not in o or not key:
-            p.error(f"--train-overrides {o!r}: expected KEY=VALUE, e.g. head.compile=true")
-        if key in STUDY_KEYS:
-            p.error(f"--train-overrides {o!r}: the study sets {key} itself (use its own flag, e.g. --train-lr, "
-                    "--train-batch-size, --train-tokens, --heads)")
-    if a.train_overrides:  # unknown keys and bad values fail now, not minutes later in the train phase
-        try:
+    try:  # unknown keys and bad values fail now, not minutes later in the train phase
+        for o in a.train_overrides:
+            key, _ = parse_override(o)
+            if key in STUDY_KEYS:
+                p.error(f"--train-overrides {o!r}: the study sets {key} itself (use its own flag, e.g. --train-lr, "
+                        "--train-batch-size, --train-tokens, --heads)")
+        if a.train_overrides:
             load_config(None, list(a.train_overrides))
-        except ValueError as e:
-            p.error(f"--train-overrides: {e}")
+    except ValueError as e:
+        p.error(f"--train-overrides: {e}")
     if a.smoke:
         a.data = "sharegpt-package" if a.data == p.get_default("data") else a.data
         a.results = str(Path(a.work) / "acceptance_study.json") if a.results == p.get_default("results") else a.results
