@@ -71,25 +71,8 @@ from model.shared_weights import SharedTarget
 from model.target import FrozenTarget, avoid_cudnn_attention, default_dtype
 from train.config import config_from_dict
 from train.loop import loss_for_batch
+from train.timeline import profile_gpu
 from train.train_mtp import build_optimizer
-
-
-def profile_step(name: str, step, marks_ref, device, top: int = 25) -> None:
-    """One step of a variant under torch.profiler: its CUDA kernels by total time, largest first."""
-    from torch.profiler import ProfilerActivity, profile
-
-    def one():
-        marks_ref[0] = Marks(device)
-        step(marks_ref[0])
-
-    for _ in range(2):
-        one()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        one()
-        torch.cuda.synchronize()
-    print(f"# profile of one {name} step")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70), flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -113,7 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time online_compiled_all (target and head compiled) and offline_compiled (head compiled)")
     p.add_argument("--profile", nargs="?", const="online", default="",
                    help="comma-separated variants whose ce k=1 step is profiled (torch.profiler's CUDA kernels, "
-                        "largest first); the flag alone profiles `online`")
+                        "largest first, and the GPU's idle gaps); the flag alone profiles `online`")
+    p.add_argument("--trace-dir", default=None, help="also write each profiled step's chrome trace here (<variant>.json.gz)")
     p.add_argument("--peak-tflops", type=float, default=801.0)
     p.add_argument("--out", default=None, help="write the results as JSON")
     return p.parse_args(argv)
@@ -444,7 +428,14 @@ def main(argv=None) -> int:
         step = functools.partial(our_step, cfg, tgt, head, optimizer, scheduler, b, device, vocab_impl=impl)
         record(variant, loss, k, {**guarded(run_variant, step, device, args.warmup, args.iters, marks_ref), **checked}, ac)
         if variant in profiles and loss == "ce" and k == 1 and not ac:
-            profile_step(variant, step, marks_ref, device)
+            try:  # a profiler failure costs the profile, not the benchmark
+                def one():
+                    marks_ref[0] = Marks(device)
+                    step(marks_ref[0])
+                print(f"# profile of one {variant} step")
+                print(profile_gpu(one, variant, trace_dir=args.trace_dir), flush=True)
+            except Exception as exc:  # noqa: BLE001
+                print(f"# profile of {variant} failed: {type(exc).__name__}: {exc}")
         del optimizer, scheduler, step
         check.restore(head)
         head.compile_step(False)

@@ -40,6 +40,7 @@ def test_single_process_run_writes_metrics_checkpoints_and_final(tiny_target_dir
     # train.profile_step=2: a profile table of optimizer steps 2..4
     profile = (out / "profile-step2.txt").read_text()
     assert profile.startswith("# optimizer steps 2..4:") and "self_cpu_time_total" in profile
+    assert "GPU timeline:" in profile and (out / "profile-step2.json.gz").exists()  # the trace beside it
     # keep_checkpoints=2 of checkpoint-3, checkpoint-6; no temporary dirs left behind
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     assert not list(out.glob(".tmp-*"))

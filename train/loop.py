@@ -29,6 +29,7 @@ from model.target import Target
 from train.checkpoint import TrainerState, save_checkpoint
 from train.common import env_rank, print0
 from train.config import Config
+from train.timeline import format_timeline, gpu_timeline, load_trace
 
 
 class StopFlag:
@@ -225,8 +226,9 @@ def train_loop(cfg, accelerator, target, head, optimizer, scheduler, train_ds, s
 
 
 class StepProfiler:
-    """train.profile_step=N: torch.profiler over optimizer steps N .. N+2 (CPU and CUDA), written as
-    two tables (by CUDA time, by CPU time) to <output_dir>/profile-step<N>.txt on rank 0."""
+    """train.profile_step=N: torch.profiler over optimizer steps N .. N+2 (CPU and CUDA), written on
+    rank 0 as <output_dir>/profile-step<N>.txt (the GPU timeline of train/timeline.py, then two
+    tables: by CUDA time, by CPU time) and the chrome trace <output_dir>/profile-step<N>.json.gz."""
 
     STEPS = 3
 
@@ -238,6 +240,8 @@ class StepProfiler:
             from torch.profiler import ProfilerActivity, profile
 
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            # no with_stack: its Python tracer, with the batch-reading thread running, left undecodable
+            # event names that key_averages() failed on (torch 2.13, CPU); the timeline names ops only
             self.prof = profile(activities=acts)
             self.prof.__enter__()
             self.t0 = time.perf_counter()
@@ -252,7 +256,10 @@ class StepProfiler:
         avg = self.prof.key_averages()
         sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
         n = step - self.start + 1
+        trace = self.out_dir / f"profile-step{self.start}.json.gz"
+        self.prof.export_chrome_trace(str(trace))
         text = (f"# optimizer steps {self.start}..{step}: {wall:.3f} s wall ({wall / n * 1e3:.1f} ms a step)\n\n"
+                f"{format_timeline(gpu_timeline(load_trace(trace)))}\n\n"
                 f"## by {sort}\n{avg.table(sort_by=sort, row_limit=40, max_name_column_width=80)}\n"
                 f"## by self_cpu_time_total\n{avg.table(sort_by='self_cpu_time_total', row_limit=40, max_name_column_width=80)}\n")
         path = self.out_dir / f"profile-step{self.start}.txt"
