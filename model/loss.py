@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from model import loss_kernels
+
 LOSS_TYPES = ("ce", "kl", "ce+kl")
 VOCAB_IMPLS = ("fused", "checkpoint", "compiled")
 IGNORE_INDEX = -100  # fused path: a label < 0 scores nothing and gets zero gradient
@@ -134,8 +136,11 @@ def _compiled_chunk(h_CH, w_VH, labels_C, soft_CH, loss_type: str, kl_weight: fl
     use_kl = loss_type in ("kl", "ce+kl")
     zt_CV = F.linear(soft_CH.to(w_VH.dtype), w_VH) if use_kl else None
     z_CV = F.linear(h_CH.to(w_VH.dtype), w_VH)
-    terms_C, hits, g_CV = _chunk_compiled()(z_CV, zt_CV, labels_C, loss_type in ("ce", "ce+kl"),
-                                            float(kl_weight) if use_kl else 0.0)
+    if not use_kl and loss_kernels.enabled(z_CV):  # ce: one Triton kernel, two reads of z (model/loss_kernels.py)
+        terms_C, hits, g_CV = loss_kernels.ce_chunk_pass(z_CV, labels_C)
+    else:
+        terms_C, hits, g_CV = _chunk_compiled()(z_CV, zt_CV, labels_C, loss_type in ("ce", "ce+kl"),
+                                                float(kl_weight) if use_kl else 0.0)
     del z_CV, zt_CV
     grad_CH = torch.mm(g_CV, w_VH).to(h_CH.dtype) if want_grad else None
     return terms_C.sum(), hits, grad_CH

@@ -13,7 +13,8 @@ from helpers import load_script
 from model import fast_moe
 from model.configs import build_random_target, make_config
 from model.head import MTPHead
-from model.loss import mtp_loss, vocab_loss
+from model import loss_kernels
+from model.loss import _chunk_passes, mtp_loss, vocab_loss
 from model.target import FrozenTarget
 
 V = 512
@@ -298,3 +299,37 @@ def test_lean_layers_hidden_equals_transformers():
     torch.testing.assert_close(lean[real], ref[real], rtol=1e-4, atol=1e-4)
     target.use_lean_layers(False)
     torch.testing.assert_close(target.hidden(ids, mask), ref)
+
+
+@pytest.mark.skipif(not loss_kernels.available("cuda" if torch.cuda.is_available() else "cpu"),
+                    reason="the loss kernel needs CUDA, or triton installed and TRITON_INTERPRET=1")
+def test_ce_kernel_equals_compiled_passes_with_ties_and_ignored_rows():
+    """The Triton ce pass against the torch.compile'd one (run eagerly): rows of more than one
+    block, argmax ties within and across blocks (first index wins, as torch.argmax), an ignored row."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    C, Vb = 6, 2 * loss_kernels.CONFIG["BLOCK_V"] + 77  # a masked tail block
+    z = torch.randn(C, Vb, generator=gen) * 3
+    labels = torch.randint(0, Vb, (C,), generator=gen)
+    z[0, 5], z[0, Vb - 3] = 40.0, 40.0  # tie across blocks: index 5
+    labels[0] = 5
+    z[1, 9], z[1, 10] = 40.0, 40.0  # tie within a block: index 9, so label 10 is no hit
+    labels[1] = 10
+    labels[2] = -100
+    z[3, labels[3]] = 30.0  # a sure hit
+    z, labels = z.to(dev), labels.to(dev)
+    ref_terms, ref_hits, ref_g = _chunk_passes(z.clone(), None, labels, True, 0.0)
+    terms, hits, g = loss_kernels.ce_chunk_pass(z.clone(), labels)
+    torch.testing.assert_close(terms, ref_terms, rtol=1e-6, atol=1e-5)
+    assert int(hits) == int(ref_hits) == 2  # rows 0 and 3
+    torch.testing.assert_close(g, ref_g, rtol=1e-5, atol=1e-7)
+    assert g[2].abs().max() == 0 and terms[2] == 0  # the ignored row
+
+
+def test_loss_kernel_switch(monkeypatch):
+    z = torch.zeros(2, 3)
+    monkeypatch.setenv("MTP_LOSS_KERNEL", "inductor")
+    assert not loss_kernels.enabled(z)
+    monkeypatch.setenv("MTP_LOSS_KERNEL", "cuda")
+    with pytest.raises(ValueError, match="MTP_LOSS_KERNEL='cuda'"):
+        loss_kernels.enabled(z)
