@@ -146,8 +146,8 @@ def loss_for_batch(cfg: Config, target: Target, head, batch: dict, device: torch
     by default "compiled" with head.compile=true on a GPU, else "fused"."""
     if vocab_impl is None:
         vocab_impl = "compiled" if cfg.head.compile and device.type == "cuda" else "fused"
-    # label positions from a host copy of the mask: mtp_loss would otherwise read the mask back
-    # from the device (a sync); a mask given on the device (scripts/bench_train.py's offline batch)
+    # label positions from a host copy of the mask (the prefetcher's, or a CPU batch's): mtp_loss
+    # would otherwise read the mask back from the device (a sync); a mask given only on the device
     # is read back here once, before the target's forward is queued
     host_mask = batch.get("loss_mask_host", batch["loss_mask"]).cpu()
     positions = positions_to_device(label_positions(host_mask, cfg.head.num_steps), device)
