@@ -303,6 +303,28 @@ def vocab_loss(
     return ce_sum + kl_weight * kl_sum, hits
 
 
+def label_positions(loss_mask_BT: torch.Tensor, num_steps: int) -> list[torch.Tensor]:
+    """Per draft step j = 0..num_steps-1, the flat indices into the B*L aligned positions
+    (L = T-1, row-major) that step j scores: label x_{q+2} in the loss mask, q <= T-3, q >= j.
+    Meant for a CPU mask, so the counts are known on the host and mtp_loss never syncs."""
+    B, T = loss_mask_BT.shape
+    L = T - 1
+    mask_BL = torch.zeros(B, L, dtype=torch.bool, device=loss_mask_BT.device)
+    mask_BL[:, : L - 1] = loss_mask_BT[:, 2:].bool()
+    flat_N = mask_BL.flatten().nonzero().squeeze(1)
+    q_N = flat_N % L
+    return [flat_N[q_N >= j] for j in range(num_steps)]  # step j+1 needs step j's output at q-1
+
+
+def positions_to_device(positions: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """`label_positions` on `device`: on a GPU one pinned non-blocking copy, which does not wait
+    for the stream (a pageable copy would); split by sizes known on the host (no sync either)."""
+    if device.type != "cuda":
+        return [p.to(device) for p in positions]
+    flat = torch.cat(positions).pin_memory().to(device, non_blocking=True)
+    return list(torch.split(flat, [p.numel() for p in positions]))
+
+
 def mtp_loss(
     head,
     embed_tokens,
@@ -317,9 +339,12 @@ def mtp_loss(
     kl_weight: float = 1.0,
     chunk_size: int = 4096,
     vocab_impl: str = "fused",
+    positions: list[torch.Tensor] | None = None,
 ) -> LossOutput:
     """The k-step MTP loss for one batch. `hidden_BTH` is the target's post-norm hidden state.
-    `vocab_impl`: "fused" (training) or "checkpoint" (the reference; module docstring)."""
+    `vocab_impl`: "fused" (training) or "checkpoint" (the reference; module docstring).
+    `positions`: `label_positions(loss_mask_BT, num_steps)` on the loss's device, made from a host
+    copy of the mask (train/loop.py); without them the mask is read back here, one device sync."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if vocab_impl not in VOCAB_IMPLS:
@@ -336,24 +361,26 @@ def mtp_loss(
     # labels x_{q+2} for q = 0..T-3; the last aligned position has no label
     labels_BL = torch.zeros(B, L, dtype=torch.long, device=input_ids_BT.device)
     labels_BL[:, : L - 1] = input_ids_BT[:, 2:]
-    label_mask_BL = torch.zeros(B, L, dtype=torch.bool, device=input_ids_BT.device)
-    label_mask_BL[:, : L - 1] = loss_mask_BT[:, 2:].bool()
+    if positions is None:
+        positions = positions_to_device(label_positions(loss_mask_BT.cpu(), num_steps), input_ids_BT.device)
+    counts = [p.numel() for p in positions]  # host-known: no sync per step
     position_ids_BL = torch.arange(L, device=input_ids_BT.device).unsqueeze(0).expand(B, L)
     soft_BLH = hidden_BTH[:, 1:].to(param.dtype) if loss_type != "ce" else None  # h_{q+1}
     w_VH = lm_head.weight
 
     total = hidden_BLH.new_zeros((), dtype=torch.float32)
-    step_loss, correct, count = [], [], []
+    step_loss, correct = [], []
     # all k steps in one head call (the recursion is in MTPHead.forward; ZeRO-3 needs one entry)
     outs = head(embeds_BLH, hidden_BLH, position_ids_BL, num_steps=num_steps)
+    # index_select with given indices: boolean-mask indexing would sync on its nonzero
+    labels_N = labels_BL.flatten()
+    soft_NH = None if soft_BLH is None else soft_BLH.reshape(B * L, -1)
     for j, out_BLH in enumerate(outs):
-        mask_BL = label_mask_BL.clone()
-        mask_BL[:, :j] = False  # step j+1 needs an output of step j at q-1
-        n = int(mask_BL.sum())
+        n, pos_N = counts[j], positions[j]
         if n > 0:
             terms, hits = vocab_loss(
-                out_BLH[mask_BL], w_VH, labels_BL[mask_BL],
-                None if soft_BLH is None else soft_BLH[mask_BL],
+                out_BLH.reshape(B * L, -1).index_select(0, pos_N), w_VH, labels_N.index_select(0, pos_N),
+                None if soft_NH is None else soft_NH.index_select(0, pos_N),
                 loss_type, chunk_size, kl_weight, vocab_impl,
             )
             mean = terms / n
@@ -364,10 +391,13 @@ def mtp_loss(
             hits = torch.zeros((), dtype=torch.long, device=out_BLH.device)
         step_loss.append(mean.detach().float())
         correct.append(hits)
-        count.append(torch.tensor(n, device=out_BLH.device))
+    # from the host list: a pinned non-blocking copy does not wait for the stream
+    count = torch.tensor(counts, dtype=torch.float32)
+    device = input_ids_BT.device
+    count = count.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else count.to(device)
     return LossOutput(
         loss=total,
         step_loss=torch.stack(step_loss),
         correct=torch.stack(correct).float(),
-        count=torch.stack(count).float(),
+        count=count,
     )

@@ -479,6 +479,7 @@ def main(argv=None) -> int:
     # on the device already, as the trainer's prefetcher (train/loop.py) delivers it: the copy of the
     # next batch overlaps the current step
     offline_batch = {k: v.to(device) for k, v in {**batch, "hidden": hidden}.items()}
+    offline_batch["loss_mask_host"] = batch["loss_mask"]  # the prefetcher's host copy: label positions without a sync
     light = SharedTarget(cfg_t, target.embed_tokens, target.lm_head)
     del target
     free(device)

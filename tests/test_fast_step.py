@@ -10,11 +10,10 @@ import torch
 import torch.nn.functional as F
 from helpers import load_script
 
-from model import fast_moe
+from model import fast_moe, loss_kernels
 from model.configs import build_random_target, make_config
 from model.head import MTPHead
-from model import loss_kernels
-from model.loss import _chunk_passes, mtp_loss, vocab_loss
+from model.loss import _chunk_passes, label_positions, mtp_loss, vocab_loss
 from model.target import FrozenTarget
 
 V = 512
@@ -106,6 +105,64 @@ def test_mtp_loss_rejects_unknown_vocab_impl(tiny):
     with pytest.raises(ValueError, match="vocab loss impl"):
         mtp_loss(head, target.embed_tokens, target.lm_head, ids, target.hidden(ids), torch.ones_like(ids),
                  vocab_impl="nope")
+
+
+def boolean_mask_rows(mask_BT, j):
+    """The rule mtp_loss applied with a boolean mask before label_positions: aligned position q
+    is scored at step j where loss_mask[q+2] == 1 (q <= T-3) and q >= j; row-major order."""
+    B, T = mask_BT.shape
+    mask_BL = torch.zeros(B, T - 1, dtype=torch.bool)
+    mask_BL[:, : T - 2] = mask_BT[:, 2:].bool()
+    mask_BL[:, :j] = False
+    return torch.arange(B * (T - 1)).view(B, T - 1)[mask_BL]
+
+
+def test_label_positions_by_hand():
+    # L = 4: row 0 labels at q = 0 (x_2), 2 (x_4); row 1 at q = 0, 1, 2 (flat 4, 5, 6); q = 3 has none
+    mask = torch.tensor([[1, 1, 1, 0, 1], [0, 0, 1, 1, 1]])
+    got = [p.tolist() for p in label_positions(mask, 4)]
+    assert got == [[0, 2, 4, 5, 6], [2, 5, 6], [2, 6], []]
+    assert all(p.dtype == torch.long for p in label_positions(mask, 4))
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 3, 12])
+def test_label_positions_equal_the_boolean_mask_rows(num_steps):
+    """Random masks, a row with no label, and (num_steps = T-1) a last step with no position."""
+    g = torch.Generator().manual_seed(num_steps)
+    for _ in range(5):
+        mask = (torch.rand(4, 13, generator=g) > 0.4).long()
+        mask[2] = 0  # a row with no label
+        positions = label_positions(mask, num_steps)
+        assert len(positions) == num_steps
+        for j, pos in enumerate(positions):
+            assert pos.tolist() == boolean_mask_rows(mask, j).tolist()
+    if num_steps == 12:
+        assert positions[-1].numel() == 0
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("impl", ["fused", "checkpoint"])
+@pytest.mark.parametrize("T, num_steps", [(13, 3), (6, 5)])  # (6, 5): the last step scores nothing
+def test_mtp_loss_with_given_positions_equals_without(tiny, loss_type, impl, T, num_steps):
+    cfg, target = tiny
+    torch.manual_seed(2)
+    ids = torch.randint(0, V, (3, T))
+    mask = (torch.rand(3, T) > 0.3).long()
+    mask[1] = 0  # a row with no label
+    hidden = target.hidden(ids)
+    common = dict(num_steps=num_steps, loss_type=loss_type, kl_weight=0.5, chunk_size=4, vocab_impl=impl)
+    ref, ref_grads = _loss_and_grads(cfg, target, ids, hidden, mask, **common)
+    out, grads = _loss_and_grads(cfg, target, ids, hidden, mask, positions=label_positions(mask, num_steps), **common)
+    assert ref.count.tolist() == [len(boolean_mask_rows(mask, j)) for j in range(num_steps)]
+    if T == 6:
+        assert ref.count[-1] == 0
+    torch.testing.assert_close(out.loss, ref.loss)
+    torch.testing.assert_close(out.step_loss, ref.step_loss)
+    assert out.correct.tolist() == ref.correct.tolist() and out.count.tolist() == ref.count.tolist()
+    assert out.count.dtype == ref.count.dtype == torch.float32
+    assert grads.keys() == ref_grads.keys() and len(grads) > 10
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], msg=k)
 
 
 # ------------------------------------------------------------------ frozen-target MoE forward

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from data.collate import collate_batch
 from data.hidden_states import HiddenStateStore, collate_hidden_states
-from model.loss import mtp_loss, simulated_acceptance_length
+from model.loss import label_positions, mtp_loss, positions_to_device, simulated_acceptance_length
 from model.target import Target
 from train.checkpoint import TrainerState, save_checkpoint
 from train.common import env_rank, print0
@@ -106,20 +106,26 @@ def prefetch_to_device(batches, device: torch.device):
     """On a GPU, batches are collated and pinned by a background thread, and the next (batch,
     position) is copied on a side stream while the current step runs (an offline batch's hidden
     states are 33 MB at 4 x 2048 x 2048 bf16: about 6 ms as a pageable copy on the step's stream).
+    Keys ending in "_host" stay on the host: "loss_mask_host", the pinned loss mask that
+    loss_for_batch reads the label positions from without waiting for the device.
     Elsewhere the batches pass through unchanged."""
     if device.type != "cuda":
         yield from batches
         return
     stream = torch.cuda.Stream(device)
 
+    def on_device(key, value):
+        return torch.is_tensor(value) and not key.endswith("_host")
+
     def pinned(items):
         for batch, position in items:
-            yield {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}, position
+            batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+            yield batch | {"loss_mask_host": batch["loss_mask"]}, position
 
     def load(item):
         batch, position = item
         with torch.cuda.stream(stream):
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = {k: v.to(device, non_blocking=True) if on_device(k, v) else v for k, v in batch.items()}
         return batch, position
 
     batches = read_ahead_in_thread(pinned(batches))
@@ -128,8 +134,8 @@ def prefetch_to_device(batches, device: torch.device):
         main = torch.cuda.current_stream(device)
         main.wait_stream(stream)
         batch, position = ahead
-        for v in batch.values():
-            if torch.is_tensor(v):
+        for k, v in batch.items():
+            if on_device(k, v):
                 v.record_stream(main)  # allocated on the side stream, used on the main one
         ahead = load(next(batches))
         yield batch, position
@@ -140,6 +146,11 @@ def loss_for_batch(cfg: Config, target: Target, head, batch: dict, device: torch
     by default "compiled" with head.compile=true on a GPU, else "fused"."""
     if vocab_impl is None:
         vocab_impl = "compiled" if cfg.head.compile and device.type == "cuda" else "fused"
+    # label positions from a host copy of the mask (the prefetcher's, or a CPU batch's): mtp_loss
+    # would otherwise read the mask back from the device (a sync); a mask given only on the device
+    # is read back here once, before the target's forward is queued
+    host_mask = batch.get("loss_mask_host", batch["loss_mask"]).cpu()
+    positions = positions_to_device(label_positions(host_mask, cfg.head.num_steps), device)
     input_ids = batch["input_ids"].to(device)
     loss_mask = batch["loss_mask"].to(device)
     attn = batch["attention_mask"].to(device)
@@ -153,6 +164,7 @@ def loss_for_batch(cfg: Config, target: Target, head, batch: dict, device: torch
         head, target.embed_tokens, target.lm_head, input_ids, hidden, loss_mask,
         num_steps=cfg.head.num_steps, step_decay=cfg.head.step_decay, loss_type=cfg.head.loss,
         kl_weight=cfg.head.kl_weight, chunk_size=cfg.head.loss_chunk_size, vocab_impl=vocab_impl,
+        positions=positions,
     ), batch["num_tokens"] if "num_tokens" in batch else int(attn.sum())  # the latter waits for the device
 
 
