@@ -182,6 +182,7 @@ def make_batch(vocab: int, B: int, T: int, mask_frac: float) -> dict:
         "input_ids": torch.randint(0, min(vocab, 151643), (B, T), generator=g),
         "loss_mask": (torch.rand(B, T, generator=g) < mask_frac).long(),
         "attention_mask": torch.ones(B, T, dtype=torch.long),
+        "num_tokens": B * T,  # as the trainer's batches: counted on the host, no device sync
     }
 
 
@@ -441,12 +442,15 @@ def main(argv=None) -> int:
         head.compile_step(False)
 
     target.hidden = timed_hidden(target, marks_ref)  # instance attribute: loss_for_batch's call is timed
+    # as the trainer's prefetcher delivers it: on the device, the host copy of the mask beside it
+    online_batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    online_batch["loss_mask_host"] = batch["loss_mask"]
     online_variants = ["online", "online_lean"] if args.skip_old else ["online_old", "online", "online_lean"]
     for ac in [False, True] if args.activation_checkpointing else [False]:
         for loss in losses:
             for k in ks:
                 for variant in online_variants:
-                    ours(variant, target, batch, loss, k, ac)
+                    ours(variant, target, online_batch, loss, k, ac)
     if args.compile_target:  # opt-in and untested off a GPU: a failure is reported, not fatal
         target.use_lean_experts(True)
         t0 = time.perf_counter()
@@ -454,9 +458,9 @@ def main(argv=None) -> int:
             target.compile_layers()
             for loss in losses:
                 for k in ks:
-                    ours("online_compiled", target, batch, loss, k, False)
+                    ours("online_compiled", target, online_batch, loss, k, False)
                     if args.compile_head:
-                        ours("online_compiled_all", target, batch, loss, k, False)
+                        ours("online_compiled_all", target, online_batch, loss, k, False)
         except Exception as exc:  # noqa: BLE001 - keep the rest of the benchmark
             print(f"# online_compiled failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         finally:
@@ -466,7 +470,7 @@ def main(argv=None) -> int:
         try:  # model/qwen3_forward.py's layer function (the lean layers) compiled
             for loss in losses:
                 for k in ks:
-                    ours("online_lean_compiled", target, batch, loss, k, False)
+                    ours("online_lean_compiled", target, online_batch, loss, k, False)
         except Exception as exc:  # noqa: BLE001
             print(f"# online_lean_compiled failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         print(f"# online_lean_compiled: {time.perf_counter() - t0:.0f} s including compilation")
@@ -478,7 +482,7 @@ def main(argv=None) -> int:
         hidden = FrozenTarget.hidden(target, batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu()
     # on the device already, as the trainer's prefetcher (train/loop.py) delivers it: the copy of the
     # next batch overlaps the current step
-    offline_batch = {k: v.to(device) for k, v in {**batch, "hidden": hidden}.items()}
+    offline_batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in {**batch, "hidden": hidden}.items()}
     offline_batch["loss_mask_host"] = batch["loss_mask"]  # the prefetcher's host copy: label positions without a sync
     light = SharedTarget(cfg_t, target.embed_tokens, target.lm_head)
     del target
