@@ -195,13 +195,24 @@ def sample(logits: torch.Tensor, sp: SamplingParams) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ verification
-def verify_drafts(draft_BK, draft_probs_BKV, logits_BK1V, sp: SamplingParams, rule: VerifyRule = VerifyRule()):
+def mode_acceptance(p_BKV: torch.Tensor, rule: VerifyRule) -> torch.Tensor:
+    """[B, K]: the probability that the target-only rule accepts the target's own most likely
+    token at each position, given the filtered target probabilities there. No deterministic
+    draft can be accepted more often on the same context, so this is the ceiling of any top-1
+    drafter (MTP head, n-gram) at T > 0; with the default thresholds it is the mode's probability."""
+    p_mode = p_BKV.amax(-1)
+    return torch.where(p_mode >= rule.threshold_single, 1.0, (p_mode / rule.threshold_acc).clamp(max=1.0))
+
+
+def verify_drafts(draft_BK, draft_probs_BKV, logits_BK1V, sp: SamplingParams, rule: VerifyRule = VerifyRule(),
+                  mode_accept_out: torch.Tensor | None = None):
     """The acceptance rule, a pure function. Returns (num_accepted_B, emitted_BK1):
     emitted[b, :n] are the accepted drafts, emitted[b, n] the bonus token; entries past n are
     meaningless. `logits_BK1V[:, i]` is the target at the position of verify token i
     (x_{t+1}, d_1, ..., d_K), i.e. it scores d_{i+1}; the last one gives the bonus after d_K.
     `draft_probs_BKV`: the drafts' distribution q for rule "rejection" (None = deterministic
-    drafts, q one-hot); ignored by the target-only rule."""
+    drafts, q one-hot); ignored by the target-only rule. `mode_accept_out` [B, K] (target-only
+    rule at T > 0): filled with `mode_acceptance` of the verify positions that score drafts."""
     B, K = draft_BK.shape
     if sp.greedy:
         choice_BK1 = logits_BK1V.argmax(-1)
@@ -213,6 +224,8 @@ def verify_drafts(draft_BK, draft_probs_BKV, logits_BK1V, sp: SamplingParams, ru
     u_BK = torch.rand(B, K, device=p_d.device)
     at_n = None
     if rule.kind == "target_only":
+        if mode_accept_out is not None:
+            mode_accept_out.copy_(mode_acceptance(p_BK1V[:, :K], rule))
         accept_BK = (p_d > 0) & ((u_BK < p_d / rule.threshold_acc) | (p_d >= rule.threshold_single))
         n_B = accept_BK.int().cumprod(-1).sum(-1)
         at_n = n_B[:, None, None].expand(B, 1, V)

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -303,6 +303,9 @@ class DecodeState:
     num_out: torch.Tensor  # [B] output tokens (EOS included)
     finished: torch.Tensor  # [B] bool; padding rows start finished
     hist: torch.Tensor  # [B, K+1] verify steps that accepted n drafts
+    # [B, K] sum over the verify steps that reached draft position i of the probability that the
+    # rule accepts the target's own top token there (target-only rule at T > 0; else unused)
+    mode_accept: torch.Tensor
 
 
 class Drafter(Protocol):
@@ -334,6 +337,7 @@ class Drafter(Protocol):
 class RowOutput:
     output_ids: list[int]
     hist: list[int]  # [K+1]; empty for plain decoding
+    mode_accept: list[float] = field(default_factory=list)  # [K] sums (DecodeState.mode_accept); empty if not tracked
 
 
 @dataclass
@@ -390,7 +394,9 @@ class Engine:
             num_out=torch.zeros(B, dtype=torch.long, device=dev),
             finished=torch.ones(B, dtype=torch.bool, device=dev),
             hist=torch.zeros(B, self.K + 1, dtype=torch.long, device=dev),
+            mode_accept=torch.zeros(B, self.K, dtype=torch.float32, device=dev),
         )
+        self.track_mode = rule.kind == "target_only" and not sampling.greedy
         self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
 
     # ------------------------------------------------------------ device-side steps
@@ -422,8 +428,13 @@ class Engine:
         verify_BK1 = torch.cat([st.tokens.gather(1, cache_len[:, None]), draft_BK], dim=1)
         pos_BK1 = cache_len[:, None] + torch.arange(self.K + 1, device=self.device)
         hidden = self.target.forward(verify_BK1, pos_BK1)
-        n_B, emitted_BK1 = verify_drafts(draft_BK, q_BKV, self.target.logits(hidden), self.sampling, self.rule)
+        mode_BK = torch.empty(self.B, self.K, device=self.device) if self.track_mode else None
+        n_B, emitted_BK1 = verify_drafts(draft_BK, q_BKV, self.target.logits(hidden), self.sampling, self.rule,
+                                         mode_accept_out=mode_BK)
         st.hist.scatter_add_(1, n_B[:, None], (~st.finished).long()[:, None])
+        if mode_BK is not None:  # positions this step reached: drafts before them accepted
+            reached_BK = (n_B[:, None] >= torch.arange(self.K, device=self.device)) & ~st.finished[:, None]
+            st.mode_accept.add_(mode_BK * reached_BK)
         self.drafter.commit(st, hidden, emitted_BK1, n_B, pos_BK1)
         self._append(emitted_BK1, n_B + 1)
 
@@ -470,6 +481,7 @@ class Engine:
         st.seq_len.copy_(lens_B)
         st.num_out.zero_()
         st.hist.zero_()
+        st.mode_accept.zero_()
         st.finished.copy_(torch.arange(B, device=dev) >= len(prompts))
         hidden_BTH = self.target.forward(toks, torch.arange(T, device=dev).expand(B, T), prefill=True)
         last_BH = hidden_BTH[torch.arange(B, device=dev), lens_B - 1]
@@ -504,9 +516,11 @@ class Engine:
             steps += 1
         sync()
         t2 = time.perf_counter()
-        tokens, plen, nout, hist = (x.cpu() for x in (self.st.tokens, self.st.prompt_len, self.st.num_out, self.st.hist))
+        tokens, plen, nout, hist, mode = (x.cpu() for x in (self.st.tokens, self.st.prompt_len, self.st.num_out,
+                                                             self.st.hist, self.st.mode_accept))
         rows = []
         for b in range(len(prompts)):
             s = int(plen[b])
-            rows.append(RowOutput(tokens[b, s: s + int(nout[b])].tolist(), hist[b].tolist() if speculative else []))
+            rows.append(RowOutput(tokens[b, s: s + int(nout[b])].tolist(), hist[b].tolist() if speculative else [],
+                                  mode[b].tolist() if speculative and self.track_mode else []))
         return BatchOutput(rows, prefill_s=t1 - t0, decode_s=t2 - t1, steps=steps)

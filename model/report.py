@@ -18,10 +18,13 @@ def build_report(rows, spec_out, base_out, spec_s, base_s, *, steps, sampling: d
     K = steps
     greedy = sampling["temperature"] == 0
     total_hist = [0] * (K + 1)
+    mode_sums = [0.0] * K if spec_out and all(s.mode_accept for s in spec_out) else None
     per_prompt, by_cat = [], {}
     for r, s, b in zip(rows, spec_out, base_out or [None] * len(rows)):
         st = acceptance_stats(s.hist)
         total_hist = [a + c for a, c in zip(total_hist, s.hist)]
+        if mode_sums is not None:
+            mode_sums = [a + c for a, c in zip(mode_sums, s.mode_accept)]
         row = {
             "id": r["id"], "category": r["category"], "num_prompt_tokens": len(r["prompt_ids"]),
             "prompt_token_ids": list(r["prompt_ids"]),
@@ -64,6 +67,7 @@ def build_report(rows, spec_out, base_out, spec_s, base_s, *, steps, sampling: d
         "spec_accept_length_meta_mean": sum(meta) / len(meta) if meta else None,
         "per_position_acceptance": stats["per_position_acceptance"],
         "per_position_acceptance_unconditional": stats["per_position_acceptance_unconditional"],
+        "per_position_mode_acceptance": per_position_mode(mode_sums, total_hist),
         "accept_histogram": total_hist,
         "num_prompts": len(rows),
         "generated_tokens": gen,
@@ -83,6 +87,15 @@ def build_report(rows, spec_out, base_out, spec_s, base_s, *, steps, sampling: d
     }
 
 
+def per_position_mode(mode_sums: list[float] | None, hist: list[int]) -> list[float | None] | None:
+    """Mean mode acceptance at each draft position over the verify steps that reached it (the
+    denominator of per_position_acceptance); None where not tracked (greedy, rejection rule)."""
+    if mode_sums is None:
+        return None
+    reached = [sum(hist[i:]) for i in range(len(mode_sums))]  # steps whose drafts before i were accepted
+    return [m / n if n else None for m, n in zip(mode_sums, reached)]
+
+
 DEFINITIONS = {
     "acceptance_length": "pooled over all requests: tokens emitted per verify step, the bonus token included, "
                          "counted before EOS/max_new_tokens truncation, the prefill's first token excluded "
@@ -92,6 +105,10 @@ DEFINITIONS = {
                                     "completion tokens (first token included, cut at EOS/max_new_tokens) / verify steps",
     "per_position_acceptance": "P(draft i accepted | drafts 1..i-1 accepted)",
     "per_position_acceptance_unconditional": "steps accepting draft i / all verify steps",
+    "per_position_mode_acceptance": "T > 0, target-only rule: at draft position i, the mean probability that the "
+                                    "rule accepts the target's own most likely token, over the verify steps that "
+                                    "reached i; no top-1 drafter is accepted more often on those contexts, so it "
+                                    "bounds per_position_acceptance (null at T = 0 and for the rejection rule)",
     "accept_histogram": "index n: verify steps that emitted n+1 tokens (n drafts accepted)",
     "tokens_per_s": "decode-step tokens over decode time (prefill and its first token excluded)",
     "lossless": "greedy: every prompt's speculative output equals plain greedy decoding (null when sampling)",
@@ -129,6 +146,9 @@ def format_report(report: dict) -> str:
         f"per-request mean {f(report['acceptance_length_per_request_mean'])}",
         f"per position (cond) {'  '.join(f(x) for x in report['per_position_acceptance'])}",
         f"per position (all)  {'  '.join(f(x) for x in report['per_position_acceptance_unconditional'])}",
+        *([f"target's top token  {'  '.join(f(x) for x in report['per_position_mode_acceptance'])} "
+           "(accepted at the same positions: the ceiling of a top-1 drafter)"]
+          if report.get("per_position_mode_acceptance") else []),
         f"histogram (1..{K + 1} tokens) {report['accept_histogram']}",
         f"spec tok/s {f(report['spec_tokens_per_s'], '{:.1f}')}   baseline tok/s "
         f"{f(report['baseline_tokens_per_s'], '{:.1f}')}   speedup {f(report['speedup'], '{:.2f}x')}",

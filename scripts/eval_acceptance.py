@@ -28,6 +28,8 @@ Report fields (JSON; `definitions` in the report says the same):
   spec_accept_length_meta_mean   SGLang's per-request meta_info.spec_accept_length, averaged
   per_position_acceptance  K rates: P(draft i accepted | drafts before it accepted)
   per_position_acceptance_unconditional  K rates: steps accepting draft i / all verify steps
+  per_position_mode_acceptance   T > 0, target-only rule: K rates at which the rule would accept the
+                           target's own top token at the positions reached (a top-1 drafter's ceiling)
   accept_histogram         K+1 counts: verify steps that emitted 1 .. K+1 tokens
   sampling, verify_rule, thinking     how the run decoded and rendered
   num_prompts, generated_tokens, verify_steps, steps, temperature

@@ -11,6 +11,7 @@ from model.acceptance import (
     VerifyRule,
     acceptance_stats,
     filtered_probs,
+    mode_acceptance,
     sample,
     sampler_probs,
     verify_drafts,
@@ -19,6 +20,7 @@ from model.drafters import MTPDrafter, NGramDrafter
 from model.engine import Engine, MTPHeadLM, TargetLM
 from model.evaluate import EvalSettings, evaluate
 from model.head import MTPHead
+from model.report import per_position_mode
 
 V = 512  # conftest.SMALL_VOCAB
 GREEDY = SamplingParams()
@@ -206,6 +208,47 @@ def test_accept_thresholds_follow_sglang():
     assert rate(VerifyRule(threshold_acc=0.5)) == pytest.approx(0.6, abs=0.01)
     with pytest.raises(ValueError, match="thresholds"):
         VerifyRule("rejection", threshold_acc=0.5)
+
+
+def test_mode_acceptance_follows_the_rule():
+    p = torch.tensor([[[0.5, 0.3, 0.2], [0.9, 0.05, 0.05]]])
+    torch.testing.assert_close(mode_acceptance(p, VerifyRule()), torch.tensor([[0.5, 0.9]]))
+    torch.testing.assert_close(mode_acceptance(p, VerifyRule(threshold_single=0.8)), torch.tensor([[0.5, 1.0]]))
+    torch.testing.assert_close(mode_acceptance(p, VerifyRule(threshold_acc=0.6)), torch.tensor([[0.5 / 0.6, 1.0]]))
+    out = torch.empty(1, 1)  # verify_drafts fills it for the positions that score drafts
+    verify_drafts(torch.tensor([[2]]), None, p.log(), SamplingParams(temperature=1.0), mode_accept_out=out)
+    torch.testing.assert_close(out, torch.tensor([[0.5]]))
+
+
+def peaked_fn(tok, pos):
+    """Toy target at T = 1: the greedy_fn token with probability 0.6, the other 15 share 0.4."""
+    nxt = (3 * tok + pos + 1) % SV
+    probs = torch.full((*nxt.shape, SV), 0.4 / (SV - 1)).scatter(-1, nxt[..., None], 0.6)
+    return probs.log()
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_mode_acceptance_bounds_a_top1_drafter(K):
+    """Every position of the toy target has mode probability 0.6, so the report's mode
+    acceptance is 0.6 exactly; an oracle head (the target's top token) is accepted about that
+    often, a head that always drafts a 0.027 token far less. Greedy and rejection: not tracked."""
+    prompts = [[1, 2, 3], [5], [7, 7, 2, 9], [4, 4], [11, 3], [6, 1, 8]]
+    rates = {}
+    for name, fn in (("oracle", greedy_fn), ("wrong", draft_fn(lambda s: s >= 0))):
+        torch.manual_seed(0)
+        eng = Engine(StubTarget(peaked_fn), MTPDrafter(StubHead(fn, SV)), batch_size=len(prompts), max_len=64,
+                     max_new_tokens=40, steps=K, sampling=SamplingParams(temperature=1.0))
+        rows = eng.generate(prompts).rows
+        hist = [sum(c) for c in zip(*(r.hist for r in rows))]
+        mode = per_position_mode([sum(c) for c in zip(*(r.mode_accept for r in rows))], hist)
+        assert mode[0] == pytest.approx(0.6, abs=1e-6)  # position 1 is reached by every step
+        assert all(m is None or m == pytest.approx(0.6, abs=1e-6) for m in mode)
+        rates[name] = acceptance_stats(hist)["per_position_acceptance"][0]
+    assert rates["oracle"] == pytest.approx(0.6, abs=0.1) and rates["wrong"] < 0.15
+    for sp, rule in ((SamplingParams(), VerifyRule()), (SamplingParams(temperature=1.0), VerifyRule("rejection"))):
+        eng = Engine(StubTarget(peaked_fn), MTPDrafter(StubHead(greedy_fn, SV)), batch_size=2, max_len=64,
+                     max_new_tokens=8, steps=K, sampling=sp, rule=rule)
+        assert all(r.mode_accept == [] for r in eng.generate(prompts[:2]).rows)
 
 
 # ------------------------------------------------------------------- stub-model loops
@@ -467,7 +510,10 @@ def test_target_only_accepts_no_more_than_rejection_sampling_here(tiny):
         for kind in VERIFY_RULES:
             s = EvalSettings(steps=2, sampling=SamplingParams(temperature=1.0), verify=VerifyRule(kind), batch_size=5,
                              max_new_tokens=10, seed=seed, baseline=False)
-            al[kind] = evaluate(model, head, None, prompts, s, eos_ids=[], progress=False)["acceptance_length"]
+            rep = evaluate(model, head, None, prompts, s, eos_ids=[], progress=False)
+            al[kind] = rep["acceptance_length"]
+            mode = rep["per_position_mode_acceptance"]  # tracked for the target-only rule only
+            assert (mode is None) == (kind == "rejection") and (mode is None or len(mode) == 2)
         assert al["target_only"] <= al["rejection"], (seed, al)
 
 

@@ -163,6 +163,8 @@ def test_acceptance_study_smoke(tmp_path):
         assert (r["sampling"]["temperature"] == 0) is greedy and r["temperature"] == r["sampling"]["temperature"]
         assert r["sampling_source"]["from"]
         assert len(r["per_position_acceptance"]) == r["K"] and 1.0 <= r["acceptance_length"] <= r["K"] + 1
+        mode = r["per_position_mode_acceptance"]  # the target's top token at the same positions (T > 0)
+        assert mode is None if greedy else (len(mode) == r["K"] and 0 < mode[0] <= 1)
         assert r["speedup"] > 0 and r["lossless"] is (True if greedy else None)
         assert r["max_new_tokens"] == 40 and r["batch_size"] >= 1 and r["seconds"] > 0
         if greedy:  # loop-aware numbers

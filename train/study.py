@@ -281,7 +281,7 @@ def eval_row(item: dict, tlm, head, tok, prompts, samplings, a, eos, outputs: bo
     row = {**item, "sampling": rep["sampling"], "sampling_source": source, "temperature": rep["temperature"],
            "verify_rule": rep["verify_rule"], "thinking": rep["thinking"],
            **{k: rep[k] for k in ("acceptance_length", "acceptance_length_per_request_mean", "per_position_acceptance",
-                                  "per_position_acceptance_unconditional", "accept_histogram", "num_prompts",
+                                  "per_position_acceptance_unconditional", "per_position_mode_acceptance", "accept_histogram", "num_prompts",
                                   "generated_tokens", "verify_steps", "spec_tokens_per_s", "baseline_tokens_per_s",
                                   "speedup", "lossless", "lossless_mismatches", "batch_size", "max_new_tokens")},
            **loop_numbers(rep["per_prompt"], eos, greedy=rep["temperature"] == 0),

@@ -350,6 +350,12 @@ def sampling_text(r: dict) -> str:
     return f"T={s['temperature']:g}, top_p={s['top_p']:g}, top_k={s['top_k']}"
 
 
+def mode_text(r: dict) -> str:
+    """" (top token 0.70 / 0.74)": the row's per_position_mode_acceptance (T > 0), or ""."""
+    mode = r.get("per_position_mode_acceptance")  # rows written before it existed lack it
+    return f" (top token {' / '.join(f(x) for x in mode)})" if mode else ""
+
+
 def drafter_text(r: dict, heads: dict) -> str:
     if r["drafter"] == "ngram":
         return "n-gram"
@@ -389,7 +395,10 @@ def markdown(res: dict) -> str:
         L.append(f"- {n}: {pts or '-'}")
     if res["curve"]["png"]:
         L.append(f"- plot: `{res['curve']['png']}`")
-    L += ["", "| prompts | sampling | K | drafter | accept len | non-looping: AL (prompts) | per position | speedup | lossless |",
+    L += ["", "Per position: the share of drafts accepted given the ones before them; at T > 0, in brackets, how "
+          "often SGLang's rule would accept the target's own top token at the same positions (no top-1 drafter "
+          "does better on those contexts).",
+          "", "| prompts | sampling | K | drafter | accept len | non-looping: AL (prompts) | per position | speedup | lossless |",
           "|---|---|---:|---|---:|---:|---|---:|---|"]
     for r in res["rows"]:
         if r["target"] != "bf16":
@@ -398,7 +407,8 @@ def markdown(res: dict) -> str:
                    if r["loop_share"] is not None else "-")
         L.append(f"| {r['prompts']} | {sampling_text(r)} | {r['K']} | {drafter_text(r, heads)} | "
                  f"{f(r['acceptance_length'], '{:.3f}')} | {nonloop} | "
-                 f"{' / '.join(f(x) for x in r['per_position_acceptance'])} | {f(r['speedup'], '{:.2f}x')} | {r['lossless']} |")
+                 f"{' / '.join(f(x) for x in r['per_position_acceptance'])}{mode_text(r)} | "
+                 f"{f(r['speedup'], '{:.2f}x')} | {r['lossless']} |")
     L += loop_table(res)
     if res["fp8"]:
         x = res["fp8"]
