@@ -70,6 +70,9 @@ HEADS = {
     "k1-ce-last-regen": (1, "ce", "last_layer", "regen"),
     "k3-ce-last-regen": (3, "ce", "last_layer", "regen"),
     "k3-cekl-last-regen": (3, "ce+kl", "last_layer", "regen"),
+    # the target's full distribution as a second label: a candidate for sampled decoding, where
+    # greedy answers' top-1 labels say nothing about the rest of the distribution
+    "k3-cekl-random-regen": (3, "ce+kl", "random", "regen"),
     "k3-ce-last-orig": (3, "ce", "last_layer", "orig"),
 }
 DEFAULT_HEADS = ["k1-ce-random-regen", "k3-ce-random-regen"]
