@@ -316,12 +316,15 @@ def label_positions(loss_mask_BT: torch.Tensor, num_steps: int) -> list[torch.Te
     return [flat_N[q_N >= j] for j in range(num_steps)]  # step j+1 needs step j's output at q-1
 
 
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device`: on a GPU a pinned non-blocking copy, which does not wait
+    for the stream (a pageable copy would)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def positions_to_device(positions: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """`label_positions` on `device`: on a GPU one pinned non-blocking copy, which does not wait
-    for the stream (a pageable copy would); split by sizes known on the host (no sync either)."""
-    if device.type != "cuda":
-        return [p.to(device) for p in positions]
-    flat = torch.cat(positions).pin_memory().to(device, non_blocking=True)
+    """`label_positions` on `device` in one copy, split by sizes known on the host (no sync)."""
+    flat = host_to_device(torch.cat(positions), device)
     return list(torch.split(flat, [p.numel() for p in positions]))
 
 
@@ -391,13 +394,9 @@ def mtp_loss(
             hits = torch.zeros((), dtype=torch.long, device=out_BLH.device)
         step_loss.append(mean.detach().float())
         correct.append(hits)
-    # from the host list: a pinned non-blocking copy does not wait for the stream
-    count = torch.tensor(counts, dtype=torch.float32)
-    device = input_ids_BT.device
-    count = count.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else count.to(device)
     return LossOutput(
         loss=total,
         step_loss=torch.stack(step_loss),
         correct=torch.stack(correct).float(),
-        count=count,
+        count=host_to_device(torch.tensor(counts, dtype=torch.float32), input_ids_BT.device),
     )

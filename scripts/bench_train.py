@@ -186,6 +186,13 @@ def make_batch(vocab: int, B: int, T: int, mask_frac: float) -> dict:
     }
 
 
+def as_prefetched(batch: dict, device) -> dict:
+    """A batch as the trainer's prefetcher (train/loop.py) delivers it: tensors on the device,
+    the host copy of the loss mask beside them (label positions without a sync)."""
+    on_device = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return on_device | {"loss_mask_host": batch["loss_mask"]}
+
+
 # ----------------------------------------------------------------------------- steps
 def naive_loss(target, head, batch, device, num_steps: int, loss_type: str, marks: Marks) -> torch.Tensor:
     """Plain transformers target forward, full fp32 logits over all tokens, no chunking. Scores the
@@ -442,9 +449,7 @@ def main(argv=None) -> int:
         head.compile_step(False)
 
     target.hidden = timed_hidden(target, marks_ref)  # instance attribute: loss_for_batch's call is timed
-    # as the trainer's prefetcher delivers it: on the device, the host copy of the mask beside it
-    online_batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    online_batch["loss_mask_host"] = batch["loss_mask"]
+    online_batch = as_prefetched(batch, device)
     online_variants = ["online", "online_lean"] if args.skip_old else ["online_old", "online", "online_lean"]
     for ac in [False, True] if args.activation_checkpointing else [False]:
         for loss in losses:
@@ -482,8 +487,7 @@ def main(argv=None) -> int:
         hidden = FrozenTarget.hidden(target, batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu()
     # on the device already, as the trainer's prefetcher (train/loop.py) delivers it: the copy of the
     # next batch overlaps the current step
-    offline_batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in {**batch, "hidden": hidden}.items()}
-    offline_batch["loss_mask_host"] = batch["loss_mask"]  # the prefetcher's host copy: label positions without a sync
+    offline_batch = as_prefetched({**batch, "hidden": hidden}, device)
     light = SharedTarget(cfg_t, target.embed_tokens, target.lm_head)
     del target
     free(device)
