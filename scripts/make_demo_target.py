@@ -48,6 +48,17 @@ def parse_args(argv=None):
                    help="'full': every lm_head row; 'data': the loss computes logits of the tokens the training "
                         "chats use and the other rows stay zero (the exact full-vocab loss, fewer multiply-adds; "
                         "not yet timed on a GPU)")
+    p.add_argument("--unlikelihood", type=float, default=0.0, metavar="A",
+                   help="weight of token-level unlikelihood (Welleck et al. 2019): each distinct token of the "
+                        "last --unlikelihood-window tokens other than the next one adds -log(1 - p); 0 (default): "
+                        "cross-entropy only")
+    p.add_argument("--unlikelihood-window", type=int, default=128)
+    p.add_argument("--seq-unlikelihood-s", type=float, default=0.0, metavar="S",
+                   help="seconds of sequence-level unlikelihood after the schedule: greedy answers to training "
+                        "prompts, their tokens in repeated n-grams pushed down, one CE batch per update (0: none)")
+    p.add_argument("--seq-unlikelihood-ngram", type=int, default=4)
+    p.add_argument("--seq-unlikelihood-prompts", type=int, default=512, help="prompts answered per round")
+    p.add_argument("--seq-unlikelihood-batch", type=int, default=32, help="answers per update")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (not measured yet)")
     p.add_argument("--config-overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="Qwen3MoeConfig fields, e.g. hidden_size=640 num_hidden_layers=10")

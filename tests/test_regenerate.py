@@ -155,11 +155,16 @@ def test_loop_metric():
 
 def test_make_demo_target_smoke(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "scripts/make_demo_target.py", "--out", str(out), "--smoke"],
+    proc = subprocess.run([sys.executable, "scripts/make_demo_target.py", "--out", str(out), "--smoke",
+                           "--unlikelihood", "0.5", "--unlikelihood-window", "16", "--seq-unlikelihood-s", "1"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     info = json.loads((out / "demo_target.json").read_text())
     assert info["tokens_trained"] > 0 and info["heldout_loss"] > 0 and info["params"] > 0
+    assert info["recipe"]["unlikelihood"] == 0.5 and info["recipe"]["unlikelihood_window"] == 16
+    assert info["train_unlikelihood_last20"] > 0 and "unlikelihood" in proc.stdout
+    seq = info["recipe"]["seq_unlikelihood"]
+    assert seq["updates"] >= 1 and seq["generated_tokens"] > 0 and "sequence unlikelihood round 1" in proc.stdout
     assert 0 <= info["diversity"]["loop_share"] <= 1 and info["diversity"]["num_outputs"] == 2
     assert (out / "heldout.jsonl").read_text().count("\n") == 4
     from model.target import FrozenTarget

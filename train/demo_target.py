@@ -32,6 +32,21 @@ Recipe (why each piece):
   logaddexp(logsumexp(used logits), log #unused)): it is the exact full-vocabulary cross-entropy of
   the model that is saved, at 56% of the head's multiply-adds. `--vocab full` (default, the
   measured recipe) trains every row;
+- `--unlikelihood A` (opt-in): token-level unlikelihood (Welleck et al. 2019, "Neural Text
+  Generation with Unlikelihood Training"). At each position, every distinct token of the last
+  `--unlikelihood-window` tokens of the same conversation that is not the next token is a
+  negative candidate c, and the loss adds A * -log(1 - p(c)) per position. A small model trained
+  on cross-entropy alone ends most greedy answers in a loop (the n-gram drafter then looks
+  better than it would on a real Qwen3); this term teaches it that a recent token is not
+  likely just because it is recent. The held-out loss stays the plain cross-entropy. Measured
+  at A = 1 on one H200: a quarter of the throughput and 0.4 of held-out loss for 31 instead of
+  38-44 looping answers of 80, so it stays off;
+- `--seq-unlikelihood-s S` (opt-in here; the acceptance study's default is 60): after the
+  schedule, S seconds of sequence-level unlikelihood (the same paper, section 5.2;
+  train/demo_unlikelihood.py). The target answers training prompts greedily, and every answer
+  token inside a repeated 4-gram is pushed down, one cross-entropy batch beside each update.
+  Measured: 60 s took the looping greedy MT-Bench answers from about half to 1 of 80, for about
+  0.15-0.2 of held-out loss;
 - a Switch-style load-balancing loss on every router (experts otherwise collapse early);
 - linear warmup then cosine decay to 10% of the peak LR;
 - the step count is fixed before training (`--max-steps`), so a seed gives the same init, data
@@ -57,7 +72,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from data.chat import chat_prompts
 from data.rows import BadRow, SkipReport, normalize_messages
@@ -69,9 +83,10 @@ from model.diversity import diversity_stats
 from model.engine import Engine, TargetLM
 from model.evaluate import eos_token_ids
 from model.target import set_experts_implementation
+from train.demo_loss import END_OF_TEXT_ID, DataVocab, chunked_ce, chunked_ce_unlikelihood, unlikelihood_candidates
+from train.demo_unlikelihood import SeqUnlikelihood, first_turn_prompts
 
 SPLIT_SEED = 20251129
-END_OF_TEXT_ID = 151643  # <|endoftext|>: separates packed conversations
 MAX_DATA_BYTES = 45 * 10**6  # the GPU machine takes 64 MiB per call, wheels included
 
 # The demo flavour: hidden 512, 12 layers, 64 experts top-4. The 151,936-row embedding and head
@@ -116,6 +131,12 @@ class DemoRecipe:
     diversity_prompts: int = 80
     diversity_tokens: int = 256
     vocab: str = "full"  # 'full', or 'data': logits of the tokens the training chats use, the other rows zero
+    unlikelihood: float = 0.0  # weight of the token-level unlikelihood term (0: cross-entropy only)
+    unlikelihood_window: int = 128  # previous tokens whose ids are the negative candidates
+    seq_unlikelihood_s: float = 0.0  # seconds of sequence-level unlikelihood after the schedule (0: none)
+    seq_unlikelihood_ngram: int = 4  # a generated token in a repeated n-gram is a negative
+    seq_unlikelihood_prompts: int = 512  # training prompts answered greedily per round
+    seq_unlikelihood_batch: int = 32  # answers per update (each update also takes one CE batch)
     compile: bool = False  # torch.compile each decoder layer (not measured yet)
     config_overrides: dict = field(default_factory=dict)  # Qwen3MoeConfig fields
     smoke: bool = False  # tiny model, few rows and steps, CPU: the test path
@@ -125,7 +146,8 @@ class DemoRecipe:
         return dataclasses.replace(
             self, limit=self.limit or 60, holdout=min(self.holdout, 4), max_length=64, batch_size=4, warmup_steps=2,
             loss_chunk=256, max_steps=self.max_steps if self.max_steps != "auto" else "6",
-            diversity_prompts=min(self.diversity_prompts, 2), diversity_tokens=min(self.diversity_tokens, 40))
+            diversity_prompts=min(self.diversity_prompts, 2), diversity_tokens=min(self.diversity_tokens, 40),
+            seq_unlikelihood_prompts=min(self.seq_unlikelihood_prompts, 8), seq_unlikelihood_batch=4)
 
 
 # ----------------------------------------------------------------------------- data
@@ -228,71 +250,6 @@ def build_model(config_kwargs: dict, seed: int, device: torch.device):
     return model
 
 
-def _ce_chunk(h_NH, w_VH, labels_N):
-    # bf16 matmul, fp32 softmax; recomputed in backward (checkpoint), so only one chunk's
-    # logits live at a time
-    return F.cross_entropy(F.linear(h_NH, w_VH).float(), labels_N, reduction="sum")
-
-
-def _ce_chunk_zero_rest(h_NH, w_UH, labels_N, log_rest):
-    # the U used rows' logits; the other rows are zero, so each of them has logit exactly 0:
-    # log Z adds their count in closed form, and a label among them scores logit 0
-    logits_NU = F.linear(h_NH, w_UH).float()
-    log_z_N = torch.logaddexp(torch.logsumexp(logits_NU, dim=-1), log_rest)
-    picked_N = logits_NU.gather(1, labels_N.clamp(min=0)[:, None])[:, 0].masked_fill(labels_N < 0, 0.0)
-    return (log_z_N - picked_N).sum()
-
-
-def chunked_ce(h_NH: torch.Tensor, w_VH: torch.Tensor, labels_N: torch.Tensor, chunk: int,
-               vocab: "DataVocab | None" = None) -> torch.Tensor:
-    """Mean next-token cross-entropy over N positions, the vocabulary projection in chunks.
-    With `vocab`, only its used rows of w_VH are multiplied (the others must be zero: then the
-    value and the gradient are those of the full-vocabulary loss)."""
-    if vocab is not None:
-        w, labels, fn = w_VH.index_select(0, vocab.used_ids), vocab.index_of[labels_N], _ce_chunk_zero_rest
-        extra = (vocab.log_rest,)
-    else:
-        w, labels, fn, extra = w_VH, labels_N, _ce_chunk, ()
-    total = h_NH.new_zeros((), dtype=torch.float32)
-    for s in range(0, h_NH.shape[0], chunk):
-        args = (h_NH[s: s + chunk], w, labels[s: s + chunk], *extra)
-        total = total + (checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args))
-    return total / h_NH.shape[0]
-
-
-@dataclass
-class DataVocab:
-    """The token ids the training chats use (`used_ids`, sorted), each id's index among them
-    (`index_of`, -1 for an unused id) and log(#unused ids) (`log_rest`)."""
-
-    used_ids: torch.Tensor
-    index_of: torch.Tensor
-    log_rest: torch.Tensor
-
-    @classmethod
-    def from_chats(cls, chats: list[np.ndarray], vocab_size: int, device, multiple: int = 128) -> "DataVocab":
-        """`multiple`: the used set is topped up with unused ids to a multiple of this many rows. An
-        odd row count (85,713 for ShareGPT) leaves the logits matmul unaligned; on one H200 that
-        first version ran the demo step at 93k tok/s against 130k with every row. Any superset of
-        the used rows gives the same exact loss."""
-        used = np.unique(np.concatenate(chats)).astype(np.int64)
-        if used[0] < 0 or used[-1] >= vocab_size:
-            raise ValueError(f"token ids outside 0..{vocab_size - 1} in the training chats")
-        want = min(vocab_size, -(-len(used) // multiple) * multiple)
-        if want > len(used):
-            spare = np.setdiff1d(np.arange(vocab_size, dtype=np.int64), used)[: want - len(used)]
-            used = np.sort(np.concatenate([used, spare]))
-        index_of = np.full(vocab_size, -1, dtype=np.int64)
-        index_of[used] = np.arange(len(used))
-        rest = vocab_size - len(used)
-        return cls(torch.from_numpy(used).to(device), torch.from_numpy(index_of).to(device),
-                   torch.tensor(math.log(rest) if rest else -math.inf, device=device))
-
-    def zero_unused_rows(self, weight_VH: torch.Tensor) -> None:
-        with torch.no_grad():
-            weight_VH[self.index_of.to(weight_VH.device) < 0] = 0
-
-
 class RouterBalance:
     """Switch-style load balancing over every MoE router, from forward hooks on `mlp.gate`
     (its first output is the router logits [N, E] in transformers 5.x)."""
@@ -355,18 +312,25 @@ def greedy_diversity(model, tokenizer, mt_bench: str | None, num_prompts: int, m
                                                            add_generation_prompt=True, enable_thinking=False),
                              add_special_tokens=False)["input_ids"] for q in BUILTIN_PROMPTS[:num_prompts]]
         source = "builtin"
-    model.eval()
-    tlm = TargetLM(model)
     eos = eos_token_ids(model.config, tokenizer)
-    engine = Engine(tlm, None, batch_size=len(prompts), max_len=max(map(len, prompts)) + max_new_tokens + 2,
-                    max_new_tokens=max_new_tokens, steps=1, eos_ids=eos)
-    out = engine.generate(prompts, speculative=False)
-    outputs = [r.output_ids for r in out.rows]
+    outputs = greedy_outputs(model, prompts, max_new_tokens, eos)
     stats = diversity_stats(outputs, eos)
     stats.update(prompts=source, num_prompts=len(prompts), max_new_tokens=max_new_tokens, decoding="greedy",
                  samples=[tokenizer.decode(o[:64]) for o in outputs[:3]])
-    del engine, tlm
     return stats
+
+
+@torch.no_grad()
+def greedy_outputs(model, prompts: list[list[int]], max_new_tokens: int, eos) -> list[list[int]]:
+    """Greedy answers (EOS kept) with model/engine.py's Engine over the model's current weights."""
+    was_training = model.training
+    model.eval()
+    engine = Engine(TargetLM(model), None, batch_size=len(prompts), max_len=max(map(len, prompts)) + max_new_tokens + 2,
+                    max_new_tokens=max_new_tokens, steps=1, eos_ids=eos)
+    outputs = [r.output_ids for r in engine.generate(prompts, speculative=False).rows]
+    del engine  # its caches and graphs go now, not at the next collection
+    model.train(was_training)
+    return outputs
 
 
 def train_demo_target(a: "DemoRecipe", command: str = "") -> dict:
@@ -374,6 +338,11 @@ def train_demo_target(a: "DemoRecipe", command: str = "") -> dict:
     returns demo_target.json's content."""
     if a.vocab not in ("data", "full"):  # before any data is read
         raise ValueError(f"--vocab {a.vocab!r}: expected 'data' or 'full'")
+    if a.seq_unlikelihood_s < 0:
+        raise ValueError(f"--seq-unlikelihood-s {a.seq_unlikelihood_s}: expected seconds >= 0")
+    if a.unlikelihood < 0 or a.unlikelihood_window < 1:
+        raise ValueError(f"--unlikelihood {a.unlikelihood} / --unlikelihood-window {a.unlikelihood_window}: "
+                         "expected a weight >= 0 and a window >= 1")
     if a.smoke:
         a = a.smoked()
     t_start = time.perf_counter()
@@ -421,12 +390,22 @@ def train_demo_target(a: "DemoRecipe", command: str = "") -> dict:
             layer.compile()
     model.train()
 
+    def update():
+        for p, m in zip(params, master):
+            m.grad = p.grad.float()
+            p.grad = None
+        torch.nn.utils.clip_grad_norm_(master, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch._foreach_copy_(params, master)  # fp32 -> bf16 compute weights
+
     # ---- loop
     B, L = a.batch_size, a.max_length
     epoch, blocks, cursor = 0, None, 0
     max_steps = None if a.max_steps == "auto" else int(a.max_steps)
     calib_from, calib_to = 5, 25  # steps timed for --max-steps auto (after compile/allocator warm-up)
-    step, tokens, losses, t_calib = 0, 0, [], None
+    step, tokens, losses, ul_losses, t_calib = 0, 0, [], [], None
     t_train = time.perf_counter()
     stopped_early = False
     while max_steps is None or step < max_steps:
@@ -443,24 +422,24 @@ def train_demo_target(a: "DemoRecipe", command: str = "") -> dict:
             g["lr"] = lr
         h_BTH = model.model(input_ids=x_BT).last_hidden_state
         N = B * (L - 1)
-        ce = chunked_ce(h_BTH[:, :-1].reshape(N, -1), model.lm_head.weight, x_BT[:, 1:].reshape(N), a.loss_chunk, vocab)
+        h_NH, labels_N = h_BTH[:, :-1].reshape(N, -1), x_BT[:, 1:].reshape(N)
+        if a.unlikelihood > 0:
+            cands = unlikelihood_candidates(x_BT, a.unlikelihood_window)
+            ce, ul = chunked_ce_unlikelihood(h_NH, model.lm_head.weight, labels_N, cands, a.loss_chunk, vocab)
+            ul_losses.append(ul.detach())
+        else:
+            ce, ul = chunked_ce(h_NH, model.lm_head.weight, labels_N, a.loss_chunk, vocab), 0.0
         aux = balance.loss()
-        (ce + a.aux_loss_coef * aux).backward()
+        (ce + a.unlikelihood * ul + a.aux_loss_coef * aux).backward()
         aux = aux.detach()
-        for p, m in zip(params, master):
-            m.grad = p.grad.float()
-            p.grad = None
-        torch.nn.utils.clip_grad_norm_(master, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            torch._foreach_copy_(params, master)  # fp32 -> bf16 compute weights
+        update()
         losses.append(ce.detach())
         step += 1
         tokens += B * L
         if step % 50 == 0 or step == 1:
             el = time.perf_counter() - t_train
-            print(f"step {step}/{max_steps or '?'} loss {ce.item():.3f} aux {aux.item():.3f} lr {lr:.2e} "
+            ul_note = f" unlikelihood {ul_losses[-1].item():.3f}" if ul_losses else ""
+            print(f"step {step}/{max_steps or '?'} loss {ce.item():.3f}{ul_note} aux {aux.item():.3f} lr {lr:.2e} "
                   f"{tokens / el:,.0f} tok/s epoch {epoch}", flush=True)
         if max_steps is None:
             if step == calib_from:
@@ -479,12 +458,46 @@ def train_demo_target(a: "DemoRecipe", command: str = "") -> dict:
             stopped_early = True  # a guard only: the schedule did not finish
             print(f"time guard: stopping at step {step} of {max_steps}", flush=True)
             break
+    seq_stats = None
+    if a.seq_unlikelihood_s > 0:
+        for g in opt.param_groups:
+            g["lr"] = lr  # where the schedule ended
+
+        def next_blocks():
+            nonlocal blocks, cursor, epoch
+            if cursor + B > len(blocks):
+                blocks, cursor = pack_blocks(train_chats, np.random.default_rng([a.seed, epoch]).permutation(len(train_chats)), L), 0
+                epoch += 1
+            cursor += B
+            return torch.from_numpy(blocks[cursor - B: cursor]).to(device, torch.long)
+
+        def ce_step():
+            nonlocal tokens
+            x = next_blocks()
+            h = model.model(input_ids=x).last_hidden_state
+            ce = chunked_ce(h[:, :-1].reshape(-1, h.shape[-1]), model.lm_head.weight, x[:, 1:].reshape(-1), a.loss_chunk, vocab)
+            (ce + a.aux_loss_coef * balance.loss()).backward()
+            tokens += x.numel()
+            losses.append(ce.detach())
+            return ce.detach()
+
+        eos = eos_token_ids(model.config, tokenizer)
+        # a seeded sample of the training conversations: rendering all 17k prompts would cost seconds
+        pool = np.random.default_rng([a.seed, 11]).permutation(train_idx)[: 8 * a.seq_unlikelihood_prompts].tolist()
+        seq = SeqUnlikelihood(
+            model, first_turn_prompts(tokenizer, [messages[i] for i in pool], max_tokens=L // 2), eos,
+            generate=lambda m, prompts, n: greedy_outputs(m, prompts, n, eos), ngram=a.seq_unlikelihood_ngram,
+            new_tokens=a.diversity_tokens, prompts_per_round=a.seq_unlikelihood_prompts,
+            batch_size=a.seq_unlikelihood_batch, loss_chunk=a.loss_chunk, vocab=vocab, seed=a.seed)
+        seq_stats = seq.run(a.seq_unlikelihood_s, ce_step, lambda: a.aux_loss_coef * balance.loss(), update,
+                            log=lambda m: print(m, flush=True)).as_dict()
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t_train
     for h in balance.handles:
         h.remove()
     final_train_loss = torch.stack(losses[-20:]).float().mean().item()
+    final_ul = torch.stack(ul_losses[-20:]).float().mean().item() if ul_losses else None
 
     # ---- held-out loss, diversity, save
     hl = heldout_loss(model, held_blocks, B, a.loss_chunk, device)
@@ -509,13 +522,19 @@ def train_demo_target(a: "DemoRecipe", command: str = "") -> dict:
         "recipe": {"steps": step, "max_steps": max_steps, "max_steps_from": "auto" if a.max_steps == "auto" else "fixed",
                    "batch_blocks": B, "block_tokens": L, "lr": a.lr, "warmup_steps": a.warmup_steps,
                    "weight_decay": a.weight_decay, "aux_loss_coef": a.aux_loss_coef, "loss": "full-vocab CE, chunked, bf16 matmul" + (
-                       ", logits of the used tokens only (the other lm_head rows zero)" if vocab is not None else ""),
+                       ", logits of the used tokens only (the other lm_head rows zero)" if vocab is not None else "") + (
+                       f" + {a.unlikelihood} x token-level unlikelihood over the last {a.unlikelihood_window} tokens"
+                       if a.unlikelihood > 0 else ""),
+                   "unlikelihood": a.unlikelihood, "unlikelihood_window": a.unlikelihood_window,
+                   "seq_unlikelihood": {"budget_s": a.seq_unlikelihood_s, "ngram": a.seq_unlikelihood_ngram,
+                                        "prompts_per_round": a.seq_unlikelihood_prompts,
+                                        "batch": a.seq_unlikelihood_batch, **(seq_stats or {})},
                    "vocab": a.vocab, "vocab_used": int(len(vocab.used_ids)) if vocab is not None else cfg.vocab_size,
                    "seed": a.seed, "compile": a.compile, "stopped_early": stopped_early},
         "data": {"source": a.data, "limit": a.limit, "rows": report.as_dict(), "train_chats": len(train_chats), "train_tokens": train_tokens,
                  "heldout_chats": len(held_idx), "split_seed": SPLIT_SEED, "tokenize_s": tokenize_s},
         "tokens_trained": tokens, "epochs": tokens / max(train_tokens, 1), "train_seconds": train_s,
-        "tokens_per_s": tokens / train_s, "train_loss_last20": final_train_loss,
+        "tokens_per_s": tokens / train_s, "train_loss_last20": final_train_loss, "train_unlikelihood_last20": final_ul,
         "heldout_loss": hl, "heldout_tokens": int(held_blocks.size),
         "diversity": div,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

@@ -94,6 +94,10 @@ def phase_target(a, W: Path) -> None:
            "--seed", str(a.seed), "--time-budget-s", str(a.target_budget_s)]
     if a.mt_bench:
         cmd += ["--mt-bench", a.mt_bench]
+    if a.target_unlikelihood:
+        cmd += ["--unlikelihood", str(a.target_unlikelihood)]
+    if a.target_seq_unlikelihood_s:  # a smoke run keeps the phase to its one update
+        cmd += ["--seq-unlikelihood-s", str(min(a.target_seq_unlikelihood_s, 0.5) if a.smoke else a.target_seq_unlikelihood_s)]
     if a.smoke:
         cmd += ["--smoke"]
     run(cmd)
