@@ -64,6 +64,46 @@ def simulated_acceptance_length(acc: list[float]) -> float:
     return total
 
 
+def replayed_acceptance(hits: list[torch.Tensor], loss_mask_BT: torch.Tensor) -> tuple[int, int]:
+    """(tokens emitted, verify steps) of greedy chain drafting replayed over the text, as
+    speculative decoding would walk it when the text is the target's own greedy output.
+
+    `hits[j]` [B, T-1] bool: step j's teacher-forced top-1 at aligned position q was right
+    (`mtp_loss(hits_out=...)`); a chain anchored at q (target hidden h_q, token x_{q+1} known)
+    drafts x_{q+2+j} at step j, read at position q + j. In each assistant span x_a..x_b of the
+    mask, the first anchor is a - 1 (the target emits x_a itself); a step keeps the leading run of
+    hits n, emits n + 1 tokens (the drafts and the target's next one, none past x_b) and moves the
+    anchor by as many. `simulated_acceptance_length` instead averages each step's hits over every
+    position; a drafter that skips ahead after accepting visits hard stretches more often."""
+    K = len(hits)
+    mask = loss_mask_BT.bool().cpu()
+    h = [x.cpu() for x in hits]
+    emitted, steps = 0, 0
+    for b in range(mask.shape[0]):
+        row = mask[b].tolist()
+        rows_hit = [x[b].tolist() for x in h]
+        T = len(row)
+        t = 0
+        while t < T:
+            if not row[t]:
+                t += 1
+                continue
+            a = t
+            while t < T and row[t]:
+                t += 1
+            last = t - 1  # span x_a .. x_last
+            s = a - 1
+            while s + 1 < last and s >= 0:
+                n = 0
+                while n < K and s + 2 + n <= last and rows_hit[n][s + n]:
+                    n += 1
+                out = min(n + 1, last - (s + 1))
+                emitted += out
+                steps += 1
+                s += out
+    return emitted, steps
+
+
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # scalar, weighted over steps, differentiable
@@ -343,11 +383,14 @@ def mtp_loss(
     chunk_size: int = 4096,
     vocab_impl: str = "fused",
     positions: list[torch.Tensor] | None = None,
+    hits_out: list | None = None,
 ) -> LossOutput:
     """The k-step MTP loss for one batch. `hidden_BTH` is the target's post-norm hidden state.
     `vocab_impl`: "fused" (training) or "checkpoint" (the reference; module docstring).
     `positions`: `label_positions(loss_mask_BT, num_steps)` on the loss's device, made from a host
-    copy of the mask (train/loop.py); without them the mask is read back here, one device sync."""
+    copy of the mask (train/loop.py); without them the mask is read back here, one device sync.
+    `hits_out` (evaluation): a list that gets, per step, the [B, T-1] bool map of scored positions
+    whose top-1 was right (one more lm_head pass per step; for `replayed_acceptance`)."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if vocab_impl not in VOCAB_IMPLS:
@@ -394,6 +437,15 @@ def mtp_loss(
             hits = torch.zeros((), dtype=torch.long, device=out_BLH.device)
         step_loss.append(mean.detach().float())
         correct.append(hits)
+        if hits_out is not None:
+            with torch.no_grad():
+                flags_N = torch.zeros(B * L, dtype=torch.bool, device=out_BLH.device)
+                h_NH = out_BLH.reshape(B * L, -1).index_select(0, pos_N)
+                c = n if chunk_size <= 0 else chunk_size
+                for s in range(0, n, c):
+                    top_C = F.linear(h_NH[s: s + c].to(w_VH.dtype), w_VH).argmax(dim=-1)
+                    flags_N[pos_N[s: s + c]] = top_C == labels_N.index_select(0, pos_N[s: s + c])
+                hits_out.append(flags_N.view(B, L))
     return LossOutput(
         loss=total,
         step_loss=torch.stack(step_loss),

@@ -540,3 +540,47 @@ def test_gpu_sampling_rules_run_in_cuda_graphs(kernels):
         rep = evaluate(model, head, None, prompts, EvalSettings(sampling=sp, verify=VerifyRule(kind), **base),
                        eos_ids=[], progress=False)
         assert 1.0 <= rep["acceptance_length"] <= 4.0 and rep["generated_tokens"] == 4 * 24
+
+
+# ------------------------------------------------------------- replayed acceptance (training's held-out figure)
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("pattern", [lambda i: i % 3 == 0, lambda i: (i % 5 == 1) | (i % 5 == 2),
+                                     lambda i: (i * 7) % 11 < 4])
+def test_replayed_acceptance_walks_the_text_as_the_engine_does(K, pattern):
+    """Teacher-forced hits of the stub head (a draft of index i is wrong iff pattern(i), at any
+    depth), replayed over prompt + answer: the same verify steps as the engine's own run, every
+    answer token after the first emitted once, and the engine's histogram outside its last step."""
+    from model.loss import replayed_acceptance
+
+    prompts = [[1, 2, 3, 4, 5], [7], [3, 3, 9, 2, 2, 2, 8, 1]]
+    max_new = 17
+    _, spec, _ = run_stub(K, pattern, prompts, max_new)
+    for p, row in zip(prompts, spec.rows):
+        ids = p + row.output_ids
+        T = len(ids)
+        mask = torch.zeros(1, T, dtype=torch.long)
+        mask[0, len(p):] = 1
+        # step j read at position q belongs to the chain anchored at q - j, which drafts index
+        # (q - j) + 2 + j = q + 2 there; the stub is wrong at an index whatever the depth
+        hits = [torch.tensor([[not pattern(q + 2) for q in range(T - 1)]]) for j in range(K)]
+        emitted, steps = replayed_acceptance(hits, mask)
+        assert steps == sum(row.hist) and emitted == max_new - 1
+        # the engine counts its last step's drafts past max_new too; every other step agrees
+        engine_emitted = sum((n + 1) * c for n, c in enumerate(row.hist))
+        assert 0 <= engine_emitted - emitted <= K
+
+
+def test_replayed_acceptance_by_hand():
+    from model.loss import replayed_acceptance
+
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0], [0, 1, 1, 0, 1, 1, 1, 1]])  # row 1: two spans
+    hit = torch.tensor([[False, True, False, False, False, True, False],
+                        [True, True, True, True, True, True, True]])
+    # row 0, K=1: anchor 1 (x_2 is the target's), hit -> 2 tokens; anchor 3 miss -> 1; anchor 4 miss -> 1: 4 in 3
+    # row 1: span x_1..x_2: anchor 0, one token left -> 1 in 1; span x_4..x_7: anchor 3, 2 + 1 -> 3 in 2
+    assert replayed_acceptance([hit[:1]], mask[:1]) == (4, 3)
+    assert replayed_acceptance([hit[1:]], mask[1:]) == (4, 3)
+    assert replayed_acceptance([hit], mask) == (8, 6)
+    every = torch.ones(1, 11, dtype=torch.bool)
+    span = torch.tensor([[0, 0] + [1] * 9 + [0]])  # 9 answer tokens: 8 after the first, K+1 = 4 a step
+    assert replayed_acceptance([every] * 3, span) == (8, 2)

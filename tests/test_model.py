@@ -210,3 +210,35 @@ def test_head_is_causal_whatever_attention_the_config_names(impl):
     b = head(e2, h, pos)
     torch.testing.assert_close(a[:, :4], b[:, :4])
     assert not torch.allclose(a[:, 4:], b[:, 4:])
+
+
+def test_hits_out_maps_each_steps_top1_to_its_position(tiny):
+    """mtp_loss(hits_out=): step j's [B, T-1] map is True exactly where its scored prediction at
+    position q (label x_{q+2}) is the label; labels made to equal the head's choice at even q."""
+    cfg, target, head = tiny
+    torch.manual_seed(5)
+    T = 10
+    ids = torch.randint(0, V, (1, T))
+    with torch.no_grad():
+        for q in range(0, T - 2, 2):  # the prediction at q reads x_0..x_{q+1} only: fix x_{q+2} to it
+            e = target.embed_tokens(ids[:, 1:])
+            out1 = head(e, target.hidden(ids)[:, : T - 1], torch.arange(T - 1)[None])
+            ids[0, q + 2] = target.lm_head(out1[0, q]).argmax()
+        hidden = target.hidden(ids)
+        e = target.embed_tokens(ids[:, 1:])
+        pos = torch.arange(T - 1)[None]
+        out1 = head(e, hidden[:, : T - 1], pos)
+        out2 = head(e, torch.cat([hidden[:, :1], out1[:, :-1]], dim=1), pos)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # scored labels x_2 .. x_9
+    hits: list = []
+    res = mtp_loss(head, target.embed_tokens, target.lm_head, ids, hidden, mask, num_steps=2, chunk_size=3, hits_out=hits)
+    want = []
+    for j, out in enumerate((out1, out2)):
+        w = torch.zeros(1, T - 1, dtype=torch.bool)
+        for q in range(j, T - 2):
+            w[0, q] = bool(target.lm_head(out[0, q]).argmax() == ids[0, q + 2])
+        want.append(w)
+    assert [h.shape for h in hits] == [(1, T - 1)] * 2
+    assert torch.equal(hits[0], want[0]) and torch.equal(hits[1], want[1])
+    assert hits[0][0, 0:T - 2:2].all() and res.correct.tolist() == [float(h.sum()) for h in hits]

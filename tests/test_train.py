@@ -68,6 +68,7 @@ def test_heldout_every_writes_a_training_curve(tiny_target_dir, chat_jsonl, tmp_
     train = {r["step"]: r for r in train_records(out)}
     for r in held:
         assert {"heldout_loss", "heldout_acc", "heldout_simulated_acceptance_length", "heldout_rows"} <= set(r)
+        assert 1.0 <= r["heldout_replayed_acceptance_length"] <= 3.0  # K = 2: at most K + 1 a step
         assert r["heldout_rows"] == 4 and len(r["heldout_acc"]) == 2
         # a held-out step closes the logging window: tokens_seen is the training record's of that step
         assert r["tokens_seen"] == train[r["step"]]["tokens_seen"] > 0

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from data.collate import collate_batch
 from data.hidden_states import HiddenStateStore, collate_hidden_states
-from model.loss import label_positions, mtp_loss, positions_to_device, simulated_acceptance_length
+from model.loss import label_positions, mtp_loss, positions_to_device, replayed_acceptance, simulated_acceptance_length
 from model.target import Target
 from train.checkpoint import TrainerState, save_checkpoint
 from train.common import env_rank, print0
@@ -141,9 +141,10 @@ def prefetch_to_device(batches, device: torch.device):
         yield batch, position
 
 
-def loss_for_batch(cfg: Config, target: Target, head, batch: dict, device: torch.device, vocab_impl: str | None = None):
+def loss_for_batch(cfg: Config, target: Target, head, batch: dict, device: torch.device, vocab_impl: str | None = None,
+                   hits_out: list | None = None):
     """(LossOutput, tokens in the batch); `vocab_impl` is model/loss.py's (the benchmark times each):
-    by default "compiled" with head.compile=true on a GPU, else "fused"."""
+    by default "compiled" with head.compile=true on a GPU, else "fused". `hits_out`: mtp_loss's."""
     if vocab_impl is None:
         vocab_impl = "compiled" if cfg.head.compile and device.type == "cuda" else "fused"
     # label positions from a host copy of the mask (the prefetcher's, or a CPU batch's): mtp_loss
@@ -164,7 +165,7 @@ def loss_for_batch(cfg: Config, target: Target, head, batch: dict, device: torch
         head, target.embed_tokens, target.lm_head, input_ids, hidden, loss_mask,
         num_steps=cfg.head.num_steps, step_decay=cfg.head.step_decay, loss_type=cfg.head.loss,
         kl_weight=cfg.head.kl_weight, chunk_size=cfg.head.loss_chunk_size, vocab_impl=vocab_impl,
-        positions=positions,
+        positions=positions, hits_out=hits_out,
     ), batch["num_tokens"] if "num_tokens" in batch else int(attn.sum())  # the latter waits for the device
 
 
@@ -326,7 +327,7 @@ def evaluate_heldout(cfg, accelerator, target, head, heldout_ds, pad_id) -> dict
         return None
     K, device = cfg.head.num_steps, target.device
     head.eval()
-    tot = torch.zeros(2 + 2 * K, device=device)
+    tot = torch.zeros(4 + 2 * K, device=device)  # loss, batches, correct[K], count[K], emitted, verify steps
     # each rank takes a strided share; ranks with fewer rows still run the same number of batches
     rows = list(range(accelerator.process_index, len(heldout_ds), accelerator.num_processes))
     bs = cfg.train.micro_batch_size
@@ -334,15 +335,20 @@ def evaluate_heldout(cfg, accelerator, target, head, heldout_ds, pad_id) -> dict
     for b in range(n_batches):
         idx = rows[b * bs : (b + 1) * bs] or [0]
         batch = collate_rows(heldout_ds, [heldout_ds[i] for i in idx], pad_id=pad_id)
-        out, _ = loss_for_batch(cfg, target, head, batch, device)
+        hits: list = []
+        out, _ = loss_for_batch(cfg, target, head, batch, device, hits_out=hits)
+        emitted, steps = replayed_acceptance(hits, batch["loss_mask"])
         weight = 1.0 if rows[b * bs : (b + 1) * bs] else 0.0
-        tot += weight * torch.cat([out.loss.detach().float().reshape(1), torch.ones(1, device=device), out.correct, out.count])
+        tot += weight * torch.cat([out.loss.detach().float().reshape(1), torch.ones(1, device=device), out.correct, out.count,
+                                   torch.tensor([emitted, steps], dtype=torch.float32, device=device)])
     tot = accelerator.reduce(tot, reduction="sum")
     head.train()
-    acc = [(c / n).item() if n > 0 else 0.0 for c, n in zip(tot[2 : 2 + K], tot[2 + K :])]
+    acc = [(c / n).item() if n > 0 else 0.0 for c, n in zip(tot[2 : 2 + K], tot[2 + K : 2 + 2 * K])]
     return {
         "heldout_loss": (tot[0] / tot[1].clamp(min=1)).item(),
         "heldout_acc": acc,
         "heldout_simulated_acceptance_length": simulated_acceptance_length(acc),
+        # the same hits replayed as greedy speculative decoding walks the text (model/loss.py)
+        "heldout_replayed_acceptance_length": (tot[-2] / tot[-1]).item() if tot[-1] > 0 else None,
         "heldout_rows": len(heldout_ds),
     }

@@ -129,8 +129,8 @@ def head_info(W: Path, name: str) -> dict:
         m = {"step": st["step"], "tokens_seen": st["tokens_seen"], "train_seconds": st.get("train_seconds")}
     plan_path = W / "heads" / f"{name}.plan.json"
     plan = json.loads(plan_path.read_text()) if plan_path.exists() else {}
-    curve = [{k: r.get(k) for k in ("step", "tokens_seen", "heldout_simulated_acceptance_length", "heldout_loss",
-                                    "heldout_acc")}
+    curve = [{k: r.get(k) for k in ("step", "tokens_seen", "heldout_simulated_acceptance_length",
+                                    "heldout_replayed_acceptance_length", "heldout_loss", "heldout_acc")}
              for r in (read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else [])
              if r.get("kind") == "heldout"]
     t = cfg["train"]
@@ -145,6 +145,7 @@ def head_info(W: Path, name: str) -> dict:
         "planned_tokens": plan.get("planned_tokens"), "tokens_seen": m.get("tokens_seen"),
         "train_seconds": m.get("train_seconds"),
         "heldout_simulated_acceptance_length": m.get("heldout_simulated_acceptance_length"),
+        "heldout_replayed_acceptance_length": m.get("heldout_replayed_acceptance_length"),
         "heldout_loss": m.get("heldout_loss"), "heldout_acc": m.get("heldout_acc"), "curve": curve,
     }
 
@@ -264,9 +265,11 @@ def write_results(a, W: Path, rows: list[dict], eos, planned_rows: int, sampling
     for n, h in heads.items():
         sim = h["heldout_simulated_acceptance_length"]
         meas = (find_row(rows, "mtp", n, "sharegpt_heldout", "greedy", h["k"]) or {}).get("acceptance_length")
+        rep = h.get("heldout_replayed_acceptance_length")
         agreement[n] = {"K": h["k"], "simulated": sim, "measured": meas,
                         "relative_difference": (meas - sim) / sim if sim and meas else None,
-                        "within_10pct": abs(meas - sim) / sim <= 0.10 if sim and meas else None}
+                        "within_10pct": abs(meas - sim) / sim <= 0.10 if sim and meas else None,
+                        "replayed": rep, "replayed_relative_difference": (meas - rep) / rep if rep and meas else None}
     best = best_head(rows, list(heads), sorted({r["K"] for r in rows}) or [GOAL_K])
     if best:  # the draft dir a reader would serve, with its measured acceptance length recorded
         ref = find_row(rows, "mtp", best, goal_prompts(rows), "greedy", GOAL_K)
@@ -419,11 +422,13 @@ def markdown(res: dict) -> str:
             L.append(f"| fp8 | {kind} export | {f(x['acceptance_length'][f'fp8_target_{kind}_draft'], '{:.3f}')} | "
                      f"{f(x['relative_change'][f'fp8_target_{kind}_draft'], '{:+.1%}')} |")
     L += projection_table(res["projection"])
-    L += ["", "| head | K | simulated (training log, held-out) | measured (evaluator, held-out greedy) | diff | within 10% |",
-          "|---|---:|---:|---:|---:|---|"]
+    L += ["", "| head | K | simulated (training log, held-out) | measured (evaluator, held-out greedy) | diff | within 10% "
+          "| replayed (same hits, walked as decoding walks) | measured vs replayed |",
+          "|---|---:|---:|---:|---:|---|---:|---:|"]
     for n, g in res["simulated_vs_measured"].items():
         L.append(f"| {n} | {g['K']} | {f(g['simulated'], '{:.3f}')} | {f(g['measured'], '{:.3f}')} | "
-                 f"{f(g['relative_difference'], '{:+.1%}')} | {g['within_10pct']} |")
+                 f"{f(g['relative_difference'], '{:+.1%}')} | {g['within_10pct']} | {f(g.get('replayed'), '{:.3f}')} | "
+                 f"{f(g.get('replayed_relative_difference'), '{:+.1%}')} |")
     L += ["", "| goal | value | threshold | met |", "|---|---:|---:|---|"]
     for g in res["goals"]:
         L.append(f"| {g['goal']} ({g['source']}) | {f(g['value'], '{:.3f}')} | {g['op']} {g['threshold']:g} | "
