@@ -403,20 +403,25 @@ def train_demo_target(a: "DemoRecipe", command: str = "") -> dict:
     # ---- loop
     B, L = a.batch_size, a.max_length
     epoch, blocks, cursor = 0, None, 0
-    max_steps = None if a.max_steps == "auto" else int(a.max_steps)
-    calib_from, calib_to = 5, 25  # steps timed for --max-steps auto (after compile/allocator warm-up)
-    step, tokens, losses, ul_losses, t_calib = 0, 0, [], [], None
-    t_train = time.perf_counter()
-    stopped_early = False
-    while max_steps is None or step < max_steps:
+
+    def next_blocks() -> torch.Tensor:
+        """The next B packed blocks; each epoch reshuffles the conversations and packs again."""
+        nonlocal blocks, cursor, epoch
         if blocks is None or cursor + B > len(blocks):
             order = np.random.default_rng([a.seed, epoch]).permutation(len(train_chats))
             blocks, cursor = pack_blocks(train_chats, order, L), 0
             epoch += 1
             if len(blocks) < B:
                 raise ValueError(f"{len(blocks)} blocks of {L} tokens < --batch-size {B}; add data or shrink them")
-        x_BT = torch.from_numpy(blocks[cursor: cursor + B]).to(device, torch.long, non_blocking=True)
         cursor += B
+        return torch.from_numpy(blocks[cursor - B: cursor]).to(device, torch.long, non_blocking=True)
+    max_steps = None if a.max_steps == "auto" else int(a.max_steps)
+    calib_from, calib_to = 5, 25  # steps timed for --max-steps auto (after compile/allocator warm-up)
+    step, tokens, losses, ul_losses, t_calib = 0, 0, [], [], None
+    t_train = time.perf_counter()
+    stopped_early = False
+    while max_steps is None or step < max_steps:
+        x_BT = next_blocks()
         lr = lr_at(step, max_steps or 10**9, a.warmup_steps, a.lr)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -462,14 +467,6 @@ def train_demo_target(a: "DemoRecipe", command: str = "") -> dict:
     if a.seq_unlikelihood_s > 0:
         for g in opt.param_groups:
             g["lr"] = lr  # where the schedule ended
-
-        def next_blocks():
-            nonlocal blocks, cursor, epoch
-            if cursor + B > len(blocks):
-                blocks, cursor = pack_blocks(train_chats, np.random.default_rng([a.seed, epoch]).permutation(len(train_chats)), L), 0
-                epoch += 1
-            cursor += B
-            return torch.from_numpy(blocks[cursor - B: cursor]).to(device, torch.long)
 
         def ce_step():
             nonlocal tokens
