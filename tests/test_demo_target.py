@@ -177,9 +177,14 @@ def test_unlikelihood_pushes_a_recent_token_down():
     assert p_after < p_before
 
 
-def test_a_negative_unlikelihood_weight_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="--unlikelihood -1.0"):
-        train_demo_target(DemoRecipe(out=str(tmp_path / "t"), unlikelihood=-1.0, smoke=True))
+@pytest.mark.parametrize("bad, match", [
+    (dict(unlikelihood=-1.0), "--unlikelihood -1.0"),
+    (dict(seq_unlikelihood_s=-1.0), "--seq-unlikelihood-s -1.0"),
+    (dict(seq_unlikelihood_s=5.0, seq_unlikelihood_batch=16, seq_unlikelihood_prompts=8), "1 <= batch <= prompts"),
+])
+def test_bad_unlikelihood_settings_are_refused_before_any_work(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        train_demo_target(DemoRecipe(out=str(tmp_path / "t"), smoke=False, **bad))
     assert not (tmp_path / "t").exists()
 
 

@@ -340,6 +340,11 @@ def train_demo_target(a: "DemoRecipe", command: str = "") -> dict:
         raise ValueError(f"--vocab {a.vocab!r}: expected 'data' or 'full'")
     if a.seq_unlikelihood_s < 0:
         raise ValueError(f"--seq-unlikelihood-s {a.seq_unlikelihood_s}: expected seconds >= 0")
+    if a.seq_unlikelihood_s > 0 and not (1 <= a.seq_unlikelihood_batch <= a.seq_unlikelihood_prompts
+                                         and a.seq_unlikelihood_ngram >= 1):
+        raise ValueError(f"--seq-unlikelihood-batch {a.seq_unlikelihood_batch} / --seq-unlikelihood-prompts "
+                         f"{a.seq_unlikelihood_prompts} / --seq-unlikelihood-ngram {a.seq_unlikelihood_ngram}: "
+                         "expected 1 <= batch <= prompts and an n-gram of >= 1")
     if a.unlikelihood < 0 or a.unlikelihood_window < 1:
         raise ValueError(f"--unlikelihood {a.unlikelihood} / --unlikelihood-window {a.unlikelihood_window}: "
                          "expected a weight >= 0 and a window >= 1")
@@ -366,6 +371,14 @@ def train_demo_target(a: "DemoRecipe", command: str = "") -> dict:
             f.write(json.dumps(raws[i], ensure_ascii=False) + "\n")
     print(f"data: {report.summary()}; train {len(train_chats)} chats, {train_tokens / 1e6:.2f}M tokens; "
           f"held-out {len(held_idx)} chats, {held_blocks.size} tokens; tokenized in {tokenize_s:.1f}s", flush=True)
+    seq_prompts = []
+    if a.seq_unlikelihood_s > 0:  # rendered now, so a data problem shows before the schedule runs
+        # a seeded sample of the training conversations: rendering all 17k prompts would cost seconds
+        pool = np.random.default_rng([a.seed, 11]).permutation(train_idx)[: 8 * a.seq_unlikelihood_prompts].tolist()
+        seq_prompts = first_turn_prompts(tokenizer, [messages[i] for i in pool], max_tokens=a.max_length // 2)
+        if not seq_prompts:
+            raise ValueError(f"--seq-unlikelihood-s: no training prompt fits in {a.max_length // 2} tokens "
+                             "(half of --max-length); raise --max-length")
 
     # ---- model, optimizer
     config_kwargs = dict(SMOKE if a.smoke else DEMO, **a.config_overrides)
@@ -479,10 +492,8 @@ def train_demo_target(a: "DemoRecipe", command: str = "") -> dict:
             return ce.detach()
 
         eos = eos_token_ids(model.config, tokenizer)
-        # a seeded sample of the training conversations: rendering all 17k prompts would cost seconds
-        pool = np.random.default_rng([a.seed, 11]).permutation(train_idx)[: 8 * a.seq_unlikelihood_prompts].tolist()
         seq = SeqUnlikelihood(
-            model, first_turn_prompts(tokenizer, [messages[i] for i in pool], max_tokens=L // 2), eos,
+            model, seq_prompts, eos,
             generate=lambda m, prompts, n: greedy_outputs(m, prompts, n, eos), ngram=a.seq_unlikelihood_ngram,
             new_tokens=a.diversity_tokens, prompts_per_round=a.seq_unlikelihood_prompts,
             batch_size=a.seq_unlikelihood_batch, loss_chunk=a.loss_chunk, vocab=vocab, seed=a.seed)
