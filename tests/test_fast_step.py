@@ -178,7 +178,14 @@ def experts_loop_reference(x_NH, idx_Nk, w_Nk, gate_up_E2IH, down_EHI):
     return out_NH
 
 
-def test_experts_grouped_equals_per_expert_loop():
+SLOT_SUMS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not fast_moe.available("cuda" if torch.cuda.is_available() else "cpu"),
+    reason="the slot-sum kernel needs CUDA, or triton installed and TRITON_INTERPRET=1"))]
+
+
+@pytest.mark.parametrize("slot_sum", SLOT_SUMS)
+def test_experts_grouped_equals_per_expert_loop(slot_sum, monkeypatch):
+    monkeypatch.setenv("MTP_SLOT_SUM", slot_sum)
     torch.manual_seed(0)
     N, k, E, H, I = 11, 3, 6, 16, 8
     x_NH = torch.randn(N, H)
@@ -193,9 +200,11 @@ def test_experts_grouped_equals_per_expert_loop():
     assert torch.equal(idx_Nk.reshape(-1)[perm_M], idx_Nk.reshape(-1).sort().values)
 
 
-def test_trainable_grouped_experts_match_loop_in_value_and_gradients():
+@pytest.mark.parametrize("slot_sum", SLOT_SUMS)
+def test_trainable_grouped_experts_match_loop_in_value_and_gradients(slot_sum, monkeypatch):
     """The head's GPU experts path (model/fast_moe.experts_grouped_train), run here on a CPU:
     the same output and the same gradients for x, routing weights and both expert weights."""
+    monkeypatch.setenv("MTP_SLOT_SUM", slot_sum)
     torch.manual_seed(0)
     N, k, E, H, I = 9, 2, 5, 16, 8
     x_NH = torch.randn(N, H, requires_grad=True)
@@ -212,6 +221,39 @@ def test_trainable_grouped_experts_match_loop_in_value_and_gradients():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not fast_moe.available("cuda" if torch.cuda.is_available() else "cpu"),
+                    reason="the slot-sum kernel needs CUDA, or triton installed and TRITON_INTERPRET=1")
+def test_slot_sum_kernel_reads_each_tokens_rows_and_sends_gradients_back():
+    """slot_sum against the gather-and-sum it replaces, over more than one column block, in value
+    and gradient (each row of y gets the gradient of the one token it belongs to)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    N, k, E = 5, 3, 4
+    H = fast_moe.SLOT_SUM_CONFIG["BLOCK_H"] + 40  # a masked second block
+    perm_M, _ = fast_moe.sort_pairs(torch.randint(0, E, (N, k)), E)
+    inv_M = torch.empty_like(perm_M)
+    inv_M[perm_M] = torch.arange(N * k)
+    y = torch.randn(N * k, H, device=dev, requires_grad=True)
+    g = torch.randn(N, H, device=dev)
+    out = fast_moe.slot_sum(y, inv_M.to(dev), (perm_M // k).to(dev), k)
+    ref = y.index_select(0, inv_M.to(dev)).view(N, k, H).sum(1)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    (grad,) = torch.autograd.grad((out * g).sum(), y)
+    (ref_grad,) = torch.autograd.grad((ref * g).sum(), y)
+    torch.testing.assert_close(grad, ref_grad)
+
+
+def test_slot_sum_switch(monkeypatch):
+    y = torch.zeros(2, 3)
+    monkeypatch.setenv("MTP_SLOT_SUM", "torch")
+    assert not fast_moe.slot_sum_enabled(y)
+    monkeypatch.delenv("MTP_SLOT_SUM")
+    assert not fast_moe.slot_sum_enabled(y)  # auto: CUDA only
+    monkeypatch.setenv("MTP_SLOT_SUM", "cuda")
+    with pytest.raises(ValueError, match="MTP_SLOT_SUM='cuda'"):
+        fast_moe.slot_sum_enabled(y)
 
 
 def test_head_experts_keep_transformers_path_on_cpu():
@@ -239,8 +281,11 @@ def test_lean_target_forward_equals_transformers(norm_topk_prob):
     ref = target.hidden(ids, mask)
     target.use_lean_experts(True)
     experts = [layer.mlp.experts for layer in model.model.layers]
-    assert all("forward" in e.__dict__ for e in experts)
+    lean = [e.__dict__.get("forward") for e in experts]
+    assert all(f is not None for f in lean)
     torch.testing.assert_close(target.hidden(ids, mask), ref, rtol=1e-5, atol=1e-5)
+    target.use_lean_experts(True)  # switching on twice keeps the same forward
+    assert [e.__dict__.get("forward") for e in experts] == lean
     target.use_lean_experts(False)
     assert not any("forward" in e.__dict__ for e in experts)
     torch.testing.assert_close(target.hidden(ids, mask), ref)
@@ -293,7 +338,7 @@ def test_bench_train_cpu_smoke(tmp_path):
     for key in ("ce+kl/k=2",):
         s = res["summary"][key]
         for field in ("naive_tok_s", "online_tok_s", "offline_tok_s", "online_old_tok_s", "online_lean_tok_s",
-                      "offline_old_tok_s"):
+                      "offline_old_tok_s", "online_steady_tok_s", "offline_steady_tok_s"):
             assert s[field] > 0, field
         assert set(s["peak_gib"]) == variants and s["online_over_naive"] > 0
     for r in res["results"]:  # every variant against the naive step's first loss and gradients (fp32 here)
