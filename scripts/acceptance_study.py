@@ -41,6 +41,8 @@ def parse_args(argv=None):
                    help="make_demo_target.py --seq-unlikelihood-s: seconds, after the target's schedule, of "
                         "sequence-level unlikelihood on its own greedy answers (0: none; without it the demo "
                         "target ends about half its greedy answers in a loop)")
+    p.add_argument("--target-seq-unlikelihood-weight", type=float, default=1.0,
+                   help="make_demo_target.py --seq-unlikelihood-weight: the term's weight beside each CE batch")
     p.add_argument("--num-train", type=int, default=4000, help="training conversations to regenerate")
     p.add_argument("--max-new-tokens", type=int, default=256, help="regeneration and evaluation")
     p.add_argument("--max-length", type=int, default=1024, help="tokens per conversation (regeneration and training)")

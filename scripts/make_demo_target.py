@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-unlikelihood-ngram", type=int, default=4)
     p.add_argument("--seq-unlikelihood-prompts", type=int, default=512, help="prompts answered per round")
     p.add_argument("--seq-unlikelihood-batch", type=int, default=32, help="answers per update")
+    p.add_argument("--seq-unlikelihood-weight", type=float, default=1.0,
+                   help="weight of the unlikelihood term beside each update's CE batch")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (not measured yet)")
     p.add_argument("--config-overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="Qwen3MoeConfig fields, e.g. hidden_size=640 num_hidden_layers=10")

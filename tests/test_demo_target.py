@@ -180,6 +180,7 @@ def test_unlikelihood_pushes_a_recent_token_down():
 @pytest.mark.parametrize("bad, match", [
     (dict(unlikelihood=-1.0), "--unlikelihood -1.0"),
     (dict(seq_unlikelihood_s=-1.0), "--seq-unlikelihood-s -1.0"),
+    (dict(seq_unlikelihood_s=5.0, seq_unlikelihood_weight=0.0), "--seq-unlikelihood-weight 0.0"),
     (dict(seq_unlikelihood_s=5.0, seq_unlikelihood_batch=16, seq_unlikelihood_prompts=8), "1 <= batch <= prompts"),
 ])
 def test_bad_unlikelihood_settings_are_refused_before_any_work(tmp_path, bad, match):

@@ -46,7 +46,8 @@ Recipe (why each piece):
   train/demo_unlikelihood.py). The target answers training prompts greedily, and every answer
   token inside a repeated 4-gram is pushed down, one cross-entropy batch beside each update.
   Measured: 60 s took the looping greedy MT-Bench answers from about half to 1 of 80, for about
-  0.15-0.2 of held-out loss;
+  0.15-0.2 of held-out loss. `--seq-unlikelihood-weight` scales the term: at 0.5 (45 s) the loss
+  stayed and so did the loops;
 - a Switch-style load-balancing loss on every router (experts otherwise collapse early);
 - linear warmup then cosine decay to 10% of the peak LR;
 - the step count is fixed before training (`--max-steps`), so a seed gives the same init, data
@@ -137,6 +138,7 @@ class DemoRecipe:
     seq_unlikelihood_ngram: int = 4  # a generated token in a repeated n-gram is a negative
     seq_unlikelihood_prompts: int = 512  # training prompts answered greedily per round
     seq_unlikelihood_batch: int = 32  # answers per update (each update also takes one CE batch)
+    seq_unlikelihood_weight: float = 1.0  # the unlikelihood term's weight beside the CE batch
     compile: bool = False  # torch.compile each decoder layer (not measured yet)
     config_overrides: dict = field(default_factory=dict)  # Qwen3MoeConfig fields
     smoke: bool = False  # tiny model, few rows and steps, CPU: the test path
@@ -338,8 +340,9 @@ def train_demo_target(a: "DemoRecipe", command: str = "") -> dict:
     returns demo_target.json's content."""
     if a.vocab not in ("data", "full"):  # before any data is read
         raise ValueError(f"--vocab {a.vocab!r}: expected 'data' or 'full'")
-    if a.seq_unlikelihood_s < 0:
-        raise ValueError(f"--seq-unlikelihood-s {a.seq_unlikelihood_s}: expected seconds >= 0")
+    if a.seq_unlikelihood_s < 0 or a.seq_unlikelihood_weight <= 0:
+        raise ValueError(f"--seq-unlikelihood-s {a.seq_unlikelihood_s} / --seq-unlikelihood-weight "
+                         f"{a.seq_unlikelihood_weight}: expected seconds >= 0 and a weight > 0")
     if a.seq_unlikelihood_s > 0 and not (1 <= a.seq_unlikelihood_batch <= a.seq_unlikelihood_prompts
                                          and a.seq_unlikelihood_ngram >= 1):
         raise ValueError(f"--seq-unlikelihood-batch {a.seq_unlikelihood_batch} / --seq-unlikelihood-prompts "
@@ -496,7 +499,8 @@ def train_demo_target(a: "DemoRecipe", command: str = "") -> dict:
             model, seq_prompts, eos,
             generate=lambda m, prompts, n: greedy_outputs(m, prompts, n, eos), ngram=a.seq_unlikelihood_ngram,
             new_tokens=a.diversity_tokens, prompts_per_round=a.seq_unlikelihood_prompts,
-            batch_size=a.seq_unlikelihood_batch, loss_chunk=a.loss_chunk, vocab=vocab, seed=a.seed)
+            batch_size=a.seq_unlikelihood_batch, weight=a.seq_unlikelihood_weight, loss_chunk=a.loss_chunk,
+            vocab=vocab, seed=a.seed)
         seq_stats = seq.run(a.seq_unlikelihood_s, ce_step, lambda: a.aux_loss_coef * balance.loss(), update,
                             log=lambda m: print(m, flush=True)).as_dict()
     if device.type == "cuda":
@@ -536,7 +540,8 @@ def train_demo_target(a: "DemoRecipe", command: str = "") -> dict:
                    "unlikelihood": a.unlikelihood, "unlikelihood_window": a.unlikelihood_window,
                    "seq_unlikelihood": {"budget_s": a.seq_unlikelihood_s, "ngram": a.seq_unlikelihood_ngram,
                                         "prompts_per_round": a.seq_unlikelihood_prompts,
-                                        "batch": a.seq_unlikelihood_batch, **(seq_stats or {})},
+                                        "batch": a.seq_unlikelihood_batch, "weight": a.seq_unlikelihood_weight,
+                                        **(seq_stats or {})},
                    "vocab": a.vocab, "vocab_used": int(len(vocab.used_ids)) if vocab is not None else cfg.vocab_size,
                    "seed": a.seed, "compile": a.compile, "stopped_early": stopped_early},
         "data": {"source": a.data, "limit": a.limit, "rows": report.as_dict(), "train_chats": len(train_chats), "train_tokens": train_tokens,

@@ -97,7 +97,8 @@ def phase_target(a, W: Path) -> None:
     if a.target_unlikelihood:
         cmd += ["--unlikelihood", str(a.target_unlikelihood)]
     if a.target_seq_unlikelihood_s:  # a smoke run keeps the phase to its one update
-        cmd += ["--seq-unlikelihood-s", str(min(a.target_seq_unlikelihood_s, 0.5) if a.smoke else a.target_seq_unlikelihood_s)]
+        cmd += ["--seq-unlikelihood-s", str(min(a.target_seq_unlikelihood_s, 0.5) if a.smoke else a.target_seq_unlikelihood_s),
+                "--seq-unlikelihood-weight", str(a.target_seq_unlikelihood_weight)]
     if a.smoke:
         cmd += ["--smoke"]
     run(cmd)
