@@ -98,3 +98,22 @@ def _triton_interpreter_without_gpu() -> None:
 
 
 _triton_interpreter_without_gpu()
+
+
+def _own_inductor_cache() -> None:
+    """torch.compile's compiled C++/Triton code goes to a new directory per test session, not the
+    machine-wide /tmp/torchinductor_<user>: a run killed while writing there once left an empty
+    .so that a later run on the same machine failed to load ("file too short"). Each session
+    compiles afresh (CI machines start empty anyway). TORCHINDUCTOR_CACHE_DIR set by the caller wins."""
+    import atexit
+    import os
+    import shutil
+    import tempfile
+
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        path = tempfile.mkdtemp(prefix="mtp_tests_inductor_")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+
+
+_own_inductor_cache()
