@@ -1,4 +1,4 @@
-"""Grouped-GEMM MoE experts for many tokens, inference only (the frozen target; decode's prefill).
+"""Grouped-GEMM MoE experts for many tokens (the frozen target, decode's prefill, the trainable head on a GPU).
 
     out_NH = experts_grouped(x_NH, idx_Nk, w_Nk, gate_up_E2IH, down_EHI)
     use_lean_experts(target_model)     # every Qwen3-MoE experts module of a transformers model
@@ -22,7 +22,8 @@ fused by torch.compile it read y at about 1 TB/s: 319 us a layer of the 4 x 2048
 H200, 15 ms of a 180 ms online step (scripts/bench_train.py --profile). MTP_SLOT_SUM=torch keeps
 that path (the benchmark's side-by-side switch).
 
-No autograd graph is wanted (the target is frozen; callers run under no_grad). Expert weights
+The target's and decode's calls run under no_grad (in place where it saves memory);
+`experts_grouped_train` keeps what autograd needs, for the head's experts. Expert weights
 are transformers' fused layout: gate_up [E, 2I, H] (gate rows first), down [E, H, I]
 (gate rows first). torch's grouped_mm runs on CUDA (bf16) and on CPU (fp32 too, when row strides
 are multiples of 16 bytes, which the tiny test config satisfies).

@@ -18,13 +18,14 @@ gathers and an un-permute around its two GEMMs. Here:
            and routing weights (softmax over the k logits, or exp(l - logsumexp over all E)
            without norm_topk), fp32. (Routing inside the router kernel, by the last of a
            token's programs to finish, measured 2 us a layer slower than this launch.)
-  gate_up  grid (distinct experts, I / BLOCK_I): program u takes the u-th smallest expert id
-           that any (token, slot) pair uses (a histogram of the ids, no sort), finds the tokens
+  gate_up  work items (u, block of BLOCK_I rows of I): the u-th smallest expert id that any
+           (token, slot) pair uses (a histogram of the ids, no sort); the item finds the tokens
            routed to it and computes act = silu(hn W_gate^T) * (hn W_up^T) for them with
            tl.dot over BLOCK_N = 64 tokens at a time. Each used expert's weights are read once
            per step, however many tokens chose it (at batch 8 ~52 distinct experts serve 64
-           pairs). Programs past the number of distinct experts return at once.
-  down     the same grid over H: y[pair] = w_pair * (act W_down^T), fp32.
+           pairs). A persistent grid (CONFIG per_sm programs an SM) walks the items of the
+           step's distinct experts; per_sm = 0 gives an item its own program.
+  down     the same over blocks of H: y[pair] = w_pair * (act W_down^T), fp32.
   combine  grid (N, H / BLOCK): out = h + sum of the k slots' y (fixed slot order), rounded.
 Memory bound; fp32 accumulation; no atomics, no host syncs, shapes fixed by the inputs:
 CUDA-graph safe and deterministic. Tiles do not depend on N, so a token's result depends on its
@@ -53,11 +54,13 @@ MAX_TOKENS = 64  # model/engine.py: steps of more tokens use grouped GEMMs
 # (H200); a batch-1 decode step costs 3% more at 64 (docs/BENCHMARKS.md)
 BLOCK_N = 64
 # tile sizes: the fastest at batch 1 of `scripts/profile_decode.py --tune` on an H200 (Qwen3-30B-A3B
-# shape); at batch 8 they are within 2% of that batch's fastest
+# shape); at batch 8 they are within 2% of that batch's fastest. per_sm (`programs`): the expert
+# kernels' persistent grid, best over batch 1, 8 and 16 (`--tune-pick sum`): the MoE op 1.4% / 2.6%
+# faster at batch 8 / 16 than with one program an item, the same at batch 1 (docs/BENCHMARKS.md)
 CONFIG = {
     "router": {"BLOCK_E": 2, "BLOCK_IN": 1024, "num_warps": 4},  # with route: 2 us + 3 us a layer
-    "gate_up": {"BLOCK_I": 64, "BLOCK_IN": 128, "num_warps": 4, "num_stages": 4},
-    "down": {"BLOCK_H": 64, "BLOCK_IN": 128, "num_warps": 4, "num_stages": 3},
+    "gate_up": {"BLOCK_I": 64, "BLOCK_IN": 128, "num_warps": 4, "num_stages": 4, "per_sm": 2},
+    "down": {"BLOCK_H": 64, "BLOCK_IN": 128, "num_warps": 4, "num_stages": 3, "per_sm": 2},
     "combine": {"BLOCK": 256, "num_warps": 4},
 }
 
@@ -184,14 +187,18 @@ if triton is not None:
         tl.store(wts_ptr + n * TOP_K + ks, weights, mask=ks < TOP_K)
 
     @triton.jit
-    def _expert_of(ids_ptr, u, P, E_POW2: tl.constexpr, P_POW2: tl.constexpr):
-        """The u-th smallest expert id among the P routed pairs, and how many distinct there are."""
+    def _experts_used(ids_ptr, P, E_POW2: tl.constexpr, P_POW2: tl.constexpr):
+        """Which expert ids the P routed pairs use (a histogram, no sort), each used id's rank
+        among them (1-based), and how many distinct ids there are."""
         ps = tl.arange(0, P_POW2)
         ids = tl.load(ids_ptr + ps, mask=ps < P, other=0)
         used = tl.histogram(ids, E_POW2, mask=ps < P) > 0
-        rank = tl.cumsum(used.to(tl.int32), axis=0)
-        e = tl.sum(tl.where(used & (rank == u + 1), tl.arange(0, E_POW2), 0), axis=0)
-        return e.to(tl.int64), tl.sum(used.to(tl.int32), axis=0)
+        return used, tl.cumsum(used.to(tl.int32), axis=0), tl.sum(used.to(tl.int32), axis=0)
+
+    @triton.jit
+    def _nth_expert(used, rank, u, E_POW2: tl.constexpr):
+        """The u-th smallest used expert id (u from 0)."""
+        return tl.sum(tl.where(used & (rank == u + 1), tl.arange(0, E_POW2), 0), axis=0).to(tl.int64)
 
     @triton.jit
     def _tokens_of(ids_ptr, e, g0, N, TOP_K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -209,15 +216,17 @@ if triton is not None:
     def _gate_up_kernel(x_ptr, ids_ptr, w_ptr, act_ptr, stride_we, stride_wr, N,
                         H: tl.constexpr, I: tl.constexpr, E_POW2: tl.constexpr, P_POW2: tl.constexpr,
                         TOP_K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-                        BLOCK_I: tl.constexpr, BLOCK_IN: tl.constexpr, USE_PDL: tl.constexpr):
+                        BLOCK_I: tl.constexpr, BLOCK_IN: tl.constexpr, NB: tl.constexpr, FLATTEN: tl.constexpr,
+                        USE_PDL: tl.constexpr):
         pdl_enter(USE_PDL)
-        u = tl.program_id(0)
-        blk = tl.program_id(1)
-        e, count = _expert_of(ids_ptr, u, N * TOP_K, E_POW2, P_POW2)
-        if u < count:
-            rows = blk * BLOCK_I + tl.arange(0, BLOCK_I)  # rows of gate (and of up at +I)
+        used, rank, count = _experts_used(ids_ptr, N * TOP_K, E_POW2, P_POW2)
+        cols = tl.arange(0, BLOCK_IN)
+        # work items (u-th used expert, block of BLOCK_I rows), u-major; a program takes every
+        # num_programs-th, so a persistent grid streams several back to back
+        for item in tl.range(tl.program_id(0), count * NB, tl.num_programs(0), flatten=FLATTEN):
+            e = _nth_expert(used, rank, item // NB, E_POW2)
+            rows = (item % NB) * BLOCK_I + tl.arange(0, BLOCK_I)  # rows of gate (and of up at +I)
             row_ok = rows < I
-            cols = tl.arange(0, BLOCK_IN)
             gate_ptrs = w_ptr + e * stride_we + rows[:, None].to(tl.int64) * stride_wr
             up_ptrs = gate_ptrs + I * stride_wr
             for gi in tl.static_range(GROUPS):  # tokens in groups of BLOCK_N
@@ -241,15 +250,15 @@ if triton is not None:
     def _down_kernel(act_ptr, ids_ptr, wts_ptr, w_ptr, y_ptr, stride_we, stride_wr, N,
                      H: tl.constexpr, I: tl.constexpr, E_POW2: tl.constexpr, P_POW2: tl.constexpr,
                      TOP_K: tl.constexpr, K_POW2: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_IN: tl.constexpr, USE_PDL: tl.constexpr):
+                     BLOCK_H: tl.constexpr, BLOCK_IN: tl.constexpr, NB: tl.constexpr, FLATTEN: tl.constexpr,
+                     USE_PDL: tl.constexpr):
         pdl_enter(USE_PDL)
-        u = tl.program_id(0)
-        blk = tl.program_id(1)
-        e, count = _expert_of(ids_ptr, u, N * TOP_K, E_POW2, P_POW2)
-        if u < count:
-            rows = blk * BLOCK_H + tl.arange(0, BLOCK_H)  # output features
+        used, rank, count = _experts_used(ids_ptr, N * TOP_K, E_POW2, P_POW2)
+        cols = tl.arange(0, BLOCK_IN)
+        for item in tl.range(tl.program_id(0), count * NB, tl.num_programs(0), flatten=FLATTEN):
+            e = _nth_expert(used, rank, item // NB, E_POW2)
+            rows = (item % NB) * BLOCK_H + tl.arange(0, BLOCK_H)  # output features
             row_ok = rows < H
-            cols = tl.arange(0, BLOCK_IN)
             w_ptrs = w_ptr + e * stride_we + rows[:, None].to(tl.int64) * stride_wr
             for gi in tl.static_range(GROUPS):  # tokens in groups of BLOCK_N
                 g0 = gi * BLOCK_N
@@ -309,6 +318,24 @@ def _(x_NH, attn_NH, norm_w, router_w, eps, top_k, norm_topk):
             x_NH.new_empty(N, top_k, dtype=torch.float32))
 
 
+CPU_SMS = 4  # "SMs" of the CPU interpreter, so that the tests run persistent programs over several items
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return CPU_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def programs(items: int, cfg: dict, device: torch.device) -> int:
+    """Grid of an expert kernel with at most `items` work items: one program an item, or with
+    cfg["per_sm"] = p > 0 a persistent grid of p programs an SM (each streams several items
+    back to back, and no program is spent on an item past the step's distinct experts)."""
+    per_sm = cfg.get("per_sm", 0)
+    return items if per_sm <= 0 else max(1, min(items, per_sm * _sm_count(device)))
+
+
 @torch.library.custom_op("mtp_decode::moe_experts", mutates_args=())
 def experts(hn_NH: torch.Tensor, ids_Nk: torch.Tensor, wts_Nk: torch.Tensor, res_NH: torch.Tensor,
             gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -325,16 +352,19 @@ def experts(hn_NH: torch.Tensor, ids_Nk: torch.Tensor, wts_Nk: torch.Tensor, res
     y = torch.empty(P, H, dtype=torch.float32, device=dev)
     out = torch.empty_like(res_NH)
     g, d, c = CONFIG["gate_up"], CONFIG["down"], CONFIG["combine"]
-    used = min(P, E)  # programs for the distinct experts; those past the count return at once
+    used = min(P, E)  # at most this many distinct experts
     pdl = pdl_args(hn_NH)
     common = dict(E_POW2=E_POW2, P_POW2=P_POW2, TOP_K=top_k, K_POW2=K_POW2, BLOCK_N=BLOCK_N,
                   GROUPS=triton.cdiv(N, BLOCK_N), **pdl)
-    _gate_up_kernel[(used, triton.cdiv(I, g["BLOCK_I"]))](
+    nb_g, nb_d = triton.cdiv(I, g["BLOCK_I"]), triton.cdiv(H, d["BLOCK_H"])
+    _gate_up_kernel[(programs(used * nb_g, g, dev),)](
         hn_NH, ids, gate_up, act, gate_up.stride(0), gate_up.stride(1), N, H=H, I=I, **common,
-        BLOCK_I=g["BLOCK_I"], BLOCK_IN=g["BLOCK_IN"], num_warps=g["num_warps"], num_stages=g["num_stages"])
-    _down_kernel[(used, triton.cdiv(H, d["BLOCK_H"]))](
+        BLOCK_I=g["BLOCK_I"], BLOCK_IN=g["BLOCK_IN"], NB=nb_g, FLATTEN=g.get("flatten", False),
+        num_warps=g["num_warps"], num_stages=g["num_stages"])
+    _down_kernel[(programs(used * nb_d, d, dev),)](
         act, ids, wts, down, y, down.stride(0), down.stride(1), N, H=H, I=I, **common,
-        BLOCK_H=d["BLOCK_H"], BLOCK_IN=d["BLOCK_IN"], num_warps=d["num_warps"], num_stages=d["num_stages"])
+        BLOCK_H=d["BLOCK_H"], BLOCK_IN=d["BLOCK_IN"], NB=nb_d, FLATTEN=d.get("flatten", False),
+        num_warps=d["num_warps"], num_stages=d["num_stages"])
     _combine_kernel[(N, triton.cdiv(H, c["BLOCK"]))](y, res_NH, out, H=H, TOP_K=top_k, BLOCK=c["BLOCK"],
                                                       num_warps=c["num_warps"], **pdl)
     return out

@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--tune", action="store_true", help="time tile sizes of the Triton kernels first")
     p.add_argument("--tune-batch-sizes", default="1,8")
     p.add_argument("--tune-kernels", default=None, help="comma-separated subset of the tuned kernels (default all)")
+    p.add_argument("--tune-pick", default="first", choices=["first", "sum"],
+                   help="keep the fastest config at the first tuned batch size, or the best over all of them")
     p.add_argument("--check", action="store_true", help="both kernel settings against transformers, and lossless")
     p.add_argument("--hf-tokens", type=int, default=32, help="new tokens of the lossless check")
     p.add_argument("--pdl", default="noprefetch", choices=["off", "noprefetch", "on", "all"],
@@ -60,11 +62,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# persistent grids of the expert kernels (model/moe_kernels.py `programs`): programs per SM (0: one
+# program an item) and whether Triton flattens the item and tile loops into one pipelined loop
+PERSIST = [dict(per_sm=0), dict(per_sm=1, flatten=True), dict(per_sm=2), dict(per_sm=2, flatten=True)]
 GRID = {
-    "gate_up": [dict(BLOCK_I=bi, BLOCK_IN=bk, num_warps=4, num_stages=st)
-                for bi in (16, 32, 64) for bk in (128, 256) for st in (2, 3, 4)],
-    "down": [dict(BLOCK_H=bh, BLOCK_IN=bk, num_warps=4, num_stages=st)
-             for bh in (16, 32, 64) for bk in (128, 256) for st in (2, 3, 4)],
+    "gate_up": [dict(BLOCK_I=bi, BLOCK_IN=bk, num_warps=4, num_stages=st, **p)
+                for bi, bk, st in ((64, 128, 4), (32, 128, 4), (64, 256, 3)) for p in PERSIST],
+    "down": [dict(BLOCK_H=bh, BLOCK_IN=bk, num_warps=4, num_stages=st, **p)
+             for bh, bk, st in ((64, 128, 3), (64, 128, 4), (128, 128, 3), (64, 256, 3)) for p in PERSIST],
     "combine": [dict(BLOCK=b, num_warps=w) for b in (256, 512, 1024) for w in (2, 4)],
     "router": [dict(BLOCK_E=be, BLOCK_IN=bk, num_warps=w) for be in (2, 4, 8) for bk in (512, 1024) for w in (4, 8)],
     "attention": [dict(BLOCK_S=bs, num_warps=w) for bs in (32, 64, 128) for w in (4, 8)],
@@ -95,14 +100,18 @@ def graph_ms(fn, reps: int = 20) -> float:
 
 
 @torch.no_grad()
-def tune(model, batch_sizes: list[int], ctx: int, names: list[str]) -> dict:
-    """Per kernel and batch size: us per call (mean over the 48 layers) for each tile config;
-    sets the CONFIGs to the fastest at the largest... first batch size (batch 1 is the goal)."""
+def tune(model, batch_sizes: list[int], ctx: int, names: list[str], pick: str = "first") -> dict:
+    """Per kernel and batch size: us per call (mean over the 48 layers) for each tile config.
+    Kernels are tuned one after the other, each keeping the configs chosen before it. The one kept
+    is the fastest at the first batch size (pick="first"), or the one with the least sum over the
+    batch sizes of its time relative to that batch size's fastest (pick="sum"): the tiles are fixed
+    for every step size, so one config serves batch 1, 8 and 16."""
     cfg, dev = model.config, next(model.parameters()).device
     d = Dims.of(cfg)
     lws = [LayerWeights.of(layer, dev, torch.bfloat16) for layer in model.model.layers]
     L, H = len(lws), cfg.hidden_size
-    out = {}
+    lm_head = model.lm_head.weight.detach()
+    fns = {}
     for B in batch_sizes:
         g = torch.Generator(device=dev).manual_seed(B)
         x = torch.randn(B, H, device=dev, dtype=torch.bfloat16, generator=g)
@@ -112,39 +121,52 @@ def tune(model, batch_sizes: list[int], ctx: int, names: list[str]) -> dict:
         q = torch.randn(B, d.n_heads, d.head_dim, device=dev, dtype=torch.bfloat16, generator=g)
         pos = torch.full((B, 1), ctx, device=dev, dtype=torch.long)
         xo = torch.randn(B, d.n_heads * d.head_dim, device=dev, dtype=torch.bfloat16, generator=g)
-        lm_head = model.lm_head.weight.detach()
         hs = [moe_kernels.router(x, a, lw.post_norm, lw.router, d.eps, d.top_k, d.norm_topk) for lw in lws]
-        fns = {
-            "router": lambda: [moe_kernels.router(x, a, lw.post_norm, lw.router, d.eps, d.top_k, d.norm_topk)
-                               for lw in lws],
-            "gate_up": lambda: [moe_kernels.experts(h[1], h[2], h[3], h[0], lw.gate_up, lw.down) for h, lw in zip(hs, lws)],
+        fns[B] = {  # default arguments bind this batch size's tensors
+            "router": lambda x=x, a=a: [moe_kernels.router(x, a, lw.post_norm, lw.router, d.eps, d.top_k, d.norm_topk)
+                                        for lw in lws],
+            "gate_up": lambda hs=hs: [moe_kernels.experts(h[1], h[2], h[3], h[0], lw.gate_up, lw.down)
+                                      for h, lw in zip(hs, lws)],
             # "down" and "combine" are timed inside the same op
-            "attention": lambda: [attn_kernels.decode_attention(q, cache[i], pos, d.n_kv) for i in range(L)],
-            "small": lambda: [linear_kernels.linear(x, lw.qkv, norm_w=lw.input_norm) for lw in lws],
-            "wide": lambda: [linear_kernels.linear(xo, lw.o) for lw in lws],
-            "large": lambda: [linear_kernels.linear(x, lm_head, True) for _ in range(L)],
+            "attention": lambda q=q, cache=cache, pos=pos: [attn_kernels.decode_attention(q, cache[i], pos, d.n_kv)
+                                                            for i in range(L)],
+            "small": lambda x=x: [linear_kernels.linear(x, lw.qkv, norm_w=lw.input_norm) for lw in lws],
+            "wide": lambda xo=xo: [linear_kernels.linear(xo, lw.o) for lw in lws],
+            "large": lambda x=x: [linear_kernels.linear(x, lm_head, True) for _ in range(L)],
         }
-        res = {}
-        for name in names:
-            grid = GRID[name]
-            base = "gate_up" if name in ("down", "combine") else name
-            conf = CONFIGS[name]
-            best, rows = None, []
-            keep = dict(conf[name])
-            for c in grid:
-                conf[name] = dict(c)
+    out = {str(B): {} for B in batch_sizes}
+    for name in names:
+        base = "gate_up" if name in ("down", "combine") else name
+        conf = CONFIGS[name]
+        keep = dict(conf[name])
+        times = []  # per config: {B: us} (None where it failed)
+        for c in GRID[name]:
+            conf[name] = dict(c)
+            row = {}
+            for B in batch_sizes:
                 try:
-                    us = graph_ms(fns[base]) * 1e3 / L
+                    row[B] = graph_ms(fns[B][base]) * 1e3 / L
                 except Exception as e:  # a tile that does not compile or fit
-                    rows.append({**c, "error": f"{type(e).__name__}: {str(e)[:80]}"})
-                    continue
-                rows.append({**c, "us": us})
-                if best is None or us < best[1]:
-                    best = (dict(c), us)
-            conf[name] = best[0] if best and B == batch_sizes[0] else keep
-            res[name] = {"best": best[0] if best else None, "best_us": best[1] if best else None, "all": rows}
-            log(f"tune B={B} {name}: best {best}")
-        out[str(B)] = res
+                    row[B] = f"{type(e).__name__}: {str(e)[:80]}"
+            times.append(row)
+        ok = [i for i, row in enumerate(times) if all(isinstance(v, float) for v in row.values())]
+        fastest = {B: min((times[i][B] for i in ok), default=None) for B in batch_sizes}
+        if ok:
+            score = ((lambda i: times[i][batch_sizes[0]]) if pick == "first"
+                     else (lambda i: sum(times[i][B] / fastest[B] for B in batch_sizes)))
+            chosen = min(ok, key=score)
+            conf[name] = dict(GRID[name][chosen])
+        else:
+            conf[name] = keep
+        for B in batch_sizes:
+            rows = [{**c, **({"us": t[B]} if isinstance(t[B], float) else {"error": t[B]})}
+                    for c, t in zip(GRID[name], times)]
+            best = min(ok, key=lambda i: times[i][B]) if ok else None
+            out[str(B)][name] = {"best": GRID[name][best] if ok else None, "best_us": fastest[B],
+                                 "kept": conf[name], "kept_us": times[chosen][B] if ok else None,
+                                 "was": keep, "all": rows}
+            log(f"tune B={B} {name}: fastest {out[str(B)][name]['best']} {fastest[B]}; "
+                f"kept {conf[name]} {out[str(B)][name]['kept_us']}")
     torch.cuda.empty_cache()
     return out
 
@@ -183,7 +205,7 @@ def main(argv=None) -> int:
            "torch": torch.__version__, "runs": []}
     if a.tune:
         res["tune"] = tune(model, [int(x) for x in a.tune_batch_sizes.split(",")], a.ctx,
-                           a.tune_kernels.split(",") if a.tune_kernels else list(GRID))
+                           a.tune_kernels.split(",") if a.tune_kernels else list(GRID), a.tune_pick)
         res["config"] = {"moe": moe_kernels.CONFIG, "attention": attn_kernels.CONFIG, "linear": linear_kernels.CONFIG}
         log(f"tuned: {res['config']}")
     if a.check:

@@ -132,6 +132,35 @@ def test_profile_decode_cpu_smoke(tmp_path):
     assert [(r["mode"], r["batch"]) for r in runs] == [("eager:torch:loop", 1)] and runs[0]["step_ms"] > 0
 
 
+@pytest.mark.parametrize("pick", ["first", "sum"])
+def test_profile_decode_tune_keeps_one_config_for_every_batch_size(pick, monkeypatch):
+    """--tune-pick first keeps the fastest tile at the first batch size; sum keeps the one that is
+    best over all of them. Timings are faked (the real ones need CUDA graphs): the first config is
+    fastest at batch 1 and 3x slower at batch 2, the second nearly as fast at 1 and fastest at 2."""
+    from model import moe_kernels
+
+    profile_decode = load_script("profile_decode")
+    model = profile_decode.build_target("tiny", "cpu", 0.02)
+    n = len(model.model.layers)
+    fake = {0: (1.0, 3.0), 1: (1.05, 1.0)}  # config index -> us at batch 1, 2 (the rest: 5 us)
+    calls = []
+
+    def graph_ms(fn):  # tune() times every config at batch 1 then batch 2
+        i, b = divmod(len(calls), 2)
+        calls.append(i)
+        return fake.get(i, (5.0, 5.0))[b] * n / 1e3
+
+    monkeypatch.setattr(profile_decode, "graph_ms", graph_ms)
+    monkeypatch.setitem(moe_kernels.CONFIG, "down", dict(moe_kernels.CONFIG["down"]))
+    res = profile_decode.tune(model, [1, 2], 8, ["down"], pick)
+    grid = profile_decode.GRID["down"]
+    assert len(calls) == 2 * len(grid)
+    kept = grid[0] if pick == "first" else grid[1]
+    assert moe_kernels.CONFIG["down"] == kept and res["2"]["down"]["kept"] == kept
+    assert res["1"]["down"]["best"] == grid[0] and res["2"]["down"]["best"] == grid[1]
+    assert res["2"]["down"]["kept_us"] == pytest.approx(3.0 if pick == "first" else 1.0)
+
+
 def test_cli_sampling_from_generation_config_thinking_and_batch_sizes(files, tmp_path):
     """--sampling model takes the target's generation_config.json values (flags win), the report
     records the sampling, the rule and the thinking mode, per-prompt prompt ids are the served

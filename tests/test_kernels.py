@@ -97,6 +97,31 @@ def test_moe_kernels_match_reference_and_are_batch_invariant(norm_topk):
 
 
 @needs_triton
+@pytest.mark.parametrize("per_sm,flatten", [(1, False), (1, True), (3, True)])
+def test_persistent_expert_kernels_give_the_same_bits(per_sm, flatten, monkeypatch):
+    """A persistent grid (a program streams several (expert, row block) items) computes every
+    item as a program of its own would: the same bits. The interpreter's 4 "SMs" give 4 or 12
+    programs for up to 8 experts x 4 row blocks, so programs take several items, and at 20
+    tokens 8 experts are in use while at 1 token 3 are (programs with nothing to do)."""
+    gen = torch.Generator().manual_seed(4)
+    gate_up, down, router_w, norm_w = (t.to(DEV) for t in moe_weights(gen, H=100, I=48, E=8))
+    x, a = torch.randn(20, 100, generator=gen).to(DEV), torch.randn(20, 100, generator=gen).to(DEV)
+    h, hn, ids, wts = moe_kernels.router(x, a, norm_w, router_w, 1e-6, 3, True)
+    tiles = {"gate_up": {"BLOCK_I": 16, "BLOCK_IN": 64, "num_warps": 4, "num_stages": 2},
+             "down": {"BLOCK_H": 32, "BLOCK_IN": 16, "num_warps": 4, "num_stages": 2}}
+    for n in (1, 20):
+        args = (hn[:n], ids[:n], wts[:n], h[:n], gate_up, down)
+        for name, tile in tiles.items():
+            monkeypatch.setitem(moe_kernels.CONFIG, name, dict(tile))
+        each = moe_kernels.experts(*args)
+        for name, tile in tiles.items():
+            monkeypatch.setitem(moe_kernels.CONFIG, name, dict(tile, per_sm=per_sm, flatten=flatten))
+        assert moe_kernels.programs(8 * 4, moe_kernels.CONFIG["down"], torch.device(DEV)) < 8 * 4 or DEV == "cuda"
+        assert torch.equal(moe_kernels.experts(*args), each)
+        torch.testing.assert_close(each, moe_kernels.experts_reference(*args), atol=1e-4, rtol=1e-4)
+
+
+@needs_triton
 def test_linear_kernel_matches_f_linear_and_is_batch_invariant():
     from model import linear_kernels
 
