@@ -333,7 +333,7 @@ def programs(items: int, cfg: dict, device: torch.device) -> int:
     cfg["per_sm"] = p > 0 a persistent grid of p programs an SM (each streams several items
     back to back, and no program is spent on an item past the step's distinct experts)."""
     per_sm = cfg.get("per_sm", 0)
-    return items if per_sm <= 0 else max(1, min(items, per_sm * _sm_count(device)))
+    return items if per_sm <= 0 else min(items, per_sm * _sm_count(device))
 
 
 @torch.library.custom_op("mtp_decode::moe_experts", mutates_args=())
