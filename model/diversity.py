@@ -13,6 +13,9 @@ Definitions (token ids, the trailing EOS removed first):
                    p <= LOOP_MAX_PERIOD (16): w[i] == w[i + p] for every i in the window.
                    Outputs shorter than the window are never loops (they stopped on their own).
   loop_share       loops / outputs
+  short_outputs    outputs shorter than the window, which the loop test cannot judge: a target
+                   that stops early loops less by this count, so the two are read together
+  median_output_tokens  the median length (EOS removed)
 """
 
 from __future__ import annotations
@@ -48,8 +51,11 @@ def _ngrams(ids: list[int], n: int) -> list[tuple[int, ...]]:
 def diversity_stats(outputs: list[list[int]], eos_ids=()) -> dict:
     """distinct_2/4 (corpus and per-output mean), loop share and count, mean length."""
     outs = [strip_eos(list(o), eos_ids) for o in outputs]
+    lengths = sorted(map(len, outs))
     stats: dict = {"num_outputs": len(outs),
-                   "mean_output_tokens": sum(map(len, outs)) / len(outs) if outs else None}
+                   "mean_output_tokens": sum(lengths) / len(outs) if outs else None,
+                   "median_output_tokens": lengths[len(lengths) // 2] if outs else None,
+                   "short_outputs": sum(n < LOOP_WINDOW for n in lengths)}
     for n in (2, 4):
         grams = [_ngrams(o, n) for o in outs]
         total = sum(map(len, grams))

@@ -1,8 +1,8 @@
 """The acceptance study on real text: demo target -> regenerated data -> heads -> evaluation.
 
     python scripts/acceptance_study.py --phase target --data artifacts/study_inputs/sharegpt.jsonl.gz
-    python scripts/acceptance_study.py --phase data --num-train 4000
-    python scripts/acceptance_study.py --phase train --train-tokens 25000000 --train-budget-s 420
+    python scripts/acceptance_study.py --phase data        # every training chat the target did not hold out
+    python scripts/acceptance_study.py --phase train --train-tokens 25000000 --train-budget-s 560
     python scripts/acceptance_study.py --phase eval --eval-budget-s 300
     python scripts/acceptance_study.py --phase all --smoke --work /tmp/study     # CPU, minutes
     python scripts/acceptance_study.py --phase markdown    # docs/BENCHMARKS.md's tables from --results
@@ -45,10 +45,12 @@ def parse_args(argv=None):
                         "target ends about half its greedy answers in a loop)")
     p.add_argument("--target-seq-unlikelihood-weight", type=float, default=0.6,
                    help="make_demo_target.py --seq-unlikelihood-weight: the term's weight beside each CE batch")
-    p.add_argument("--num-train", type=int, default=4000, help="training conversations to regenerate")
+    p.add_argument("--num-train", type=int, default=None,
+                   help="training conversations to regenerate (default: all of the target's training chats; "
+                        "25M tokens over 8,000 short ones is 8-9 epochs, and the heads overfit)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="regeneration and evaluation")
     p.add_argument("--max-length", type=int, default=1024, help="tokens per conversation (regeneration and training)")
-    p.add_argument("--regen-batch-size", type=int, default=128)
+    p.add_argument("--regen-batch-size", type=int, default=1024)
     p.add_argument("--heads", nargs="*", default=list(DEFAULT_HEADS), choices=list(HEADS),
                    help=f"heads to train and evaluate (default {' '.join(DEFAULT_HEADS)})")
     p.add_argument("--train-tokens", type=int, default=25_000_000,
@@ -67,7 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--mt-bench-prompts", type=int, default=None, help="first N MT-Bench questions (default all 80)")
     p.add_argument("--fp8-block", type=int, nargs=2, default=[128, 128], metavar=("ROWS", "COLS"),
                    help="block of the FP8 copy of the target (scripts/make_fp8_target.py --block)")
-    p.add_argument("--step-times", default="docs/results/eval_speed.json",
+    p.add_argument("--step-times", default="docs/results/eval_speed_persistent.json",
                    help="scripts/bench_decode.py results at the real shape, for the projection")
     p.add_argument("--projection-batches", type=int, nargs="+", default=[1, 8, 16])
     p.add_argument("--smoke", action="store_true",
@@ -75,7 +77,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     for name in ("num_train", "max_new_tokens", "max_length", "regen_batch_size", "train_tokens", "train_batch_size",
                  "curve_points", "heldout_prompts", "eval_batch_size"):
-        if getattr(a, name) < 1:
+        if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if min(a.ks) < 1 or min(a.fp8_block) < 1 or min(a.projection_batches) < 1:
         p.error("--ks, --fp8-block and --projection-batches take positive integers")
@@ -111,7 +113,11 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     a = parse_args(argv)
     if a.phase == "markdown":
-        print(markdown(json.loads(Path(a.results).read_text(encoding="utf-8"))), end="")
+        res = json.loads(Path(a.results).read_text(encoding="utf-8"))
+        png = Path(a.results).with_name(Path(a.results).stem + "_curve.png")
+        if res.get("curve", {}).get("png") and png.exists():  # the plot beside the file read (a copy's own)
+            res["curve"]["png"] = str(png)
+        print(markdown(res), end="")
         return 0
     run_study(a, command=" ".join(["python scripts/acceptance_study.py", *(sys.argv[1:] if argv is None else argv)]))
     return 0

@@ -151,6 +151,8 @@ def test_loop_metric():
     # 2-grams: 4 distinct of 4 in the first output, 1 distinct (7,7) of 39 in the second
     assert s["distinct_2"] == pytest.approx(5 / 43)
     assert s["distinct_2_mean"] == pytest.approx((1 + 1 / 39) / 2)
+    # the 5-token output is too short for the loop test: counted, so a target that stops early shows
+    assert s["short_outputs"] == 1 and s["mean_output_tokens"] == 22.5 and s["median_output_tokens"] == 40
 
 
 def test_make_demo_target_smoke(tmp_path):

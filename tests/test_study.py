@@ -6,6 +6,7 @@ file the GPU run writes."""
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -19,7 +20,7 @@ from train.config import load_config, save_config
 from train.study_results import drafter_text, goals, head_info, loop_numbers, markdown, projection
 
 MT_BENCH = ROOT / "data" / "mt_bench" / "question.jsonl"
-STEP_TIMES = ROOT / "docs" / "results" / "eval_speed.json"
+STEP_TIMES = ROOT / "docs" / "results" / "eval_speed_persistent.json"
 
 
 def row(drafter, head, prompts, sampling, K, al, **extra):
@@ -226,6 +227,10 @@ def test_acceptance_study_smoke(tmp_path):
     assert len(res["goals"]) == 6 and all(g["value"] is not None and isinstance(g["pass"], bool) for g in res["goals"])
     assert res["demo_target"]["heldout_loss"] > 0 and res["demo_target"]["params"] > 0
     assert res["target_output_diversity"] and res["phase_seconds"]
+    # every phase that ran is timed, the eval that wrote the file too (its line in
+    # phase_times.jsonl comes only after the file is written)
+    assert [p["phase"] for p in res["phase_seconds"]] == ["target", "data", "train", "eval"]
+    assert res["phase_seconds"][-1]["until"] == "results written" and res["phase_seconds"][-1]["seconds"] > 0
     assert res["commands"] and "--smoke" in res["commands"][0]["command"]
     md = (work / "acceptance_study.md").read_text()
     assert md == markdown(res) and "non-looping" in md and "Projection" in md and "| goal |" in md
@@ -244,6 +249,15 @@ def test_acceptance_study_smoke(tmp_path):
     again = subprocess.run([sys.executable, "scripts/acceptance_study.py", "--phase", "markdown", "--results",
                             str(work / "acceptance_study.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout == md
+    # a copy of the results (with its plot beside it) names its own plot, not the work dir's
+    copy = tmp_path / "copied"
+    copy.mkdir()
+    shutil.copy(work / "acceptance_study.json", copy / "study.json")
+    shutil.copy(work / "acceptance_study_curve.png", copy / "study_curve.png")
+    moved = subprocess.run([sys.executable, "scripts/acceptance_study.py", "--phase", "markdown", "--results",
+                            str(copy / "study.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert moved.returncode == 0 and f"plot: `{copy / 'study_curve.png'}`" in moved.stdout
+    assert moved.stdout.replace(str(copy / "study_curve.png"), str(work / "acceptance_study_curve.png")) == md
 
     # a spent budget leaves the last (least important) rows missing, and says so; a rerun adds them,
     # and redoes a row whose head was evaluated from other weights (a checkpoint, before training went on)
@@ -279,7 +293,8 @@ def test_study_refuses_a_missing_mt_bench_file(tmp_path, capsys):
     assert a.mt_bench is None and a.data == "sharegpt-package"
     a = acceptance_study.parse_args(["--phase", "eval"])
     assert a.heads == DEFAULT_HEADS and a.train_tokens == 25_000_000 and a.eval_batch_size == 16
-    assert a.mt_bench == "data/mt_bench/question.jsonl" and a.step_times == "docs/results/eval_speed.json"
+    assert a.mt_bench == "data/mt_bench/question.jsonl" and a.step_times == "docs/results/eval_speed_persistent.json"
+    assert (ROOT / a.step_times).is_file() and a.num_train is None  # None: every training chat
 
 
 def test_train_overrides_reach_every_head_but_not_the_studys_own_keys(tmp_path):

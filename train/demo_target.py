@@ -80,7 +80,7 @@ from data.sharegpt import SHAREGPT_PACKAGE, iter_json_array_records, package_sha
 from data.tokenizer import build_qwen3_tokenizer
 from model.atomic import atomic_file, atomic_write_text
 from model.configs import build_random_target
-from model.diversity import diversity_stats
+from model.diversity import LOOP_WINDOW, diversity_stats
 from model.engine import Engine, TargetLM
 from model.evaluate import eos_token_ids
 from model.target import set_experts_implementation
@@ -516,7 +516,8 @@ def train_demo_target(a: "DemoRecipe", command: str = "") -> dict:
     print(f"held-out loss {hl:.4f} over {held_blocks.size} tokens; train loss (last 20 steps) {final_train_loss:.4f}", flush=True)
     div = greedy_diversity(model, tokenizer, a.mt_bench, a.diversity_prompts, a.diversity_tokens)
     print(f"greedy on {div['num_prompts']} prompts x {div['max_new_tokens']} tokens: distinct-2 {div['distinct_2']:.3f} "
-          f"distinct-4 {div['distinct_4']:.3f} loops {div['loops']}/{div['num_outputs']}", flush=True)
+          f"distinct-4 {div['distinct_4']:.3f} loops {div['loops']}/{div['num_outputs']}; mean {div['mean_output_tokens']:.0f} "
+          f"tokens, {div['short_outputs']} under {LOOP_WINDOW} (too short for the loop test)", flush=True)
     gen = model.generation_config
     gen.do_sample = True
     for k, v in RECOMMENDED_SAMPLING.items():

@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from model.atomic import atomic_write_text
-from model.diversity import diversity_stats, ends_in_loop, strip_eos
+from model.diversity import LOOP_WINDOW, diversity_stats, ends_in_loop, strip_eos
 from model.export import export_mtp
 
 PROMPT_ORDER = ("mt_bench", "sharegpt_heldout")
@@ -251,10 +251,12 @@ def row_order(r: dict) -> tuple:
             r["drafter"] != "ngram", r["head"] or "")
 
 
-def write_results(a, W: Path, rows: list[dict], eos, planned_rows: int, samplings: dict) -> dict:
+def write_results(a, W: Path, rows: list[dict], eos, planned_rows: int, samplings: dict,
+                  running: dict | None = None) -> dict:
     """Assemble the results (module docstring), write them to a.results, the curve PNG next to
     it, the markdown to W/acceptance_study.md (and print it); export the best head to
-    W/best_export. Returns the results."""
+    W/best_export. Returns the results. `running`: the phase that writes them, with its seconds so
+    far (W/phase_times.jsonl gets its line only once the phase returns)."""
     demo = json.loads((W / "target" / "demo_target.json").read_text())
     data = json.loads((W / "data" / "data.json").read_text())
     heads = {n: head_info(W, n) for n in a.heads if head_dir(W, n)}
@@ -297,7 +299,8 @@ def write_results(a, W: Path, rows: list[dict], eos, planned_rows: int, sampling
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "commands": read_jsonl(W / "commands.jsonl") if (W / "commands.jsonl").exists() else [],
-        "phase_seconds": read_jsonl(W / "phase_times.jsonl") if (W / "phase_times.jsonl").exists() else [],
+        "phase_seconds": (read_jsonl(W / "phase_times.jsonl") if (W / "phase_times.jsonl").exists() else [])
+                         + ([running] if running else []),
         "complete": len(rows) >= planned_rows, "rows_planned": planned_rows, "rows_done": len(rows),
         "settings": {
             "data": data,
@@ -385,7 +388,10 @@ def markdown(res: dict) -> str:
              f"{div.get('max_new_tokens')} tokens loop." if div else "."), ""]
     for key, s in res["target_output_diversity"].items():
         L.append(f"- target outputs {key} ({s['num_outputs']} answers): distinct-2 {f(s['distinct_2'])}, "
-                 f"distinct-4 {f(s['distinct_4'])}, loops {s['loops']}/{s['num_outputs']}")
+                 f"distinct-4 {f(s['distinct_4'])}, loops {s['loops']}/{s['num_outputs']}"
+                 + (f"; mean {s['mean_output_tokens']:.0f} tokens, median {s['median_output_tokens']}, "
+                    f"{s['short_outputs']} shorter than the loop test's {LOOP_WINDOW} tokens"
+                    if s.get("short_outputs") is not None else ""))
     L += ["", "| head | k | init | data | steps | planned tokens | tokens seen | held-out sim. AL |",
           "|---|---:|---|---|---:|---:|---:|---:|"]
     for n, h in heads.items():
