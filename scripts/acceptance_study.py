@@ -19,7 +19,7 @@ from pathlib import Path
 
 from train.study import DEFAULT_HEADS, HEADS, STUDY_KEYS, run_study
 from train.config import load_config, parse_override
-from train.study_results import markdown
+from train.study_results import curve_path, markdown
 
 
 def parse_args(argv=None):
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     if a.phase == "markdown":
         res = json.loads(Path(a.results).read_text(encoding="utf-8"))
-        png = Path(a.results).with_name(Path(a.results).stem + "_curve.png")
+        png = curve_path(a.results)
         if res.get("curve", {}).get("png") and png.exists():  # the plot beside the file read (a copy's own)
             res["curve"]["png"] = str(png)
         print(markdown(res), end="")

@@ -231,6 +231,7 @@ def test_acceptance_study_smoke(tmp_path):
     # phase_times.jsonl comes only after the file is written)
     assert [p["phase"] for p in res["phase_seconds"]] == ["target", "data", "train", "eval"]
     assert res["phase_seconds"][-1]["until"] == "results written" and res["phase_seconds"][-1]["seconds"] > 0
+    assert res["phase_seconds"][-1]["command"] == res["commands"][-1]["command"]
     assert res["commands"] and "--smoke" in res["commands"][0]["command"]
     md = (work / "acceptance_study.md").read_text()
     assert md == markdown(res) and "non-looping" in md and "Projection" in md and "| goal |" in md
@@ -295,6 +296,10 @@ def test_study_refuses_a_missing_mt_bench_file(tmp_path, capsys):
     assert a.heads == DEFAULT_HEADS and a.train_tokens == 25_000_000 and a.eval_batch_size == 16
     assert a.mt_bench == "data/mt_bench/question.jsonl" and a.step_times == "docs/results/eval_speed_persistent.json"
     assert (ROOT / a.step_times).is_file() and a.num_train is None  # None: every training chat
+    for flag in ("--num-train", "--regen-batch-size"):
+        with pytest.raises(SystemExit):
+            acceptance_study.parse_args(["--phase", "data", flag, "0"])
+        assert f"{flag} must be >= 1" in capsys.readouterr().err
 
 
 def test_train_overrides_reach_every_head_but_not_the_studys_own_keys(tmp_path):

@@ -406,8 +406,9 @@ def phase_eval(a, W: Path) -> None:
                 write(eval_row(item, tlm, head, tok, prompts, samplings, a, loaded["eos"], outputs=keep))
     eos = loaded.get("eos") or eos_token_ids(load_target_config(str(W / "target")), tok)
     planned = sum(len(fp8_rows("-")) if i == "fp8" else 1 for i in eval_plan(a.ks, list(prompts), names))
-    running = {"phase": "eval", "seconds": round(time.perf_counter() - t0, 1), "command": getattr(a, "command", None),
-               "time": getattr(a, "started", None), "until": "results written"}
+    this = read_jsonl(W / "commands.jsonl")[-1] if (W / "commands.jsonl").exists() else {}  # run_study's record
+    running = {"phase": "eval", "seconds": round(time.perf_counter() - t0, 1), "command": this.get("command"),
+               "time": this.get("time"), "until": "results written"}
     write_results(a, W, list(done.values()), eos, planned_rows=planned, running=running,
                   samplings={k: {"params": sp.as_dict(), "source": src} for k, (sp, src) in samplings.items()})
 
@@ -421,7 +422,6 @@ def run_study(a, command: str) -> None:
     W.mkdir(parents=True, exist_ok=True)
     phases = ["target", "data", "train", "eval"] if a.phase == "all" else [a.phase]
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    a.command, a.started = command, now  # the eval phase names itself in the results it writes
     with open(W / "commands.jsonl", "a", encoding="utf-8") as f:  # the results name the commands that made them
         f.write(json.dumps({"phases": phases, "command": command, "time": now}) + "\n")
     for ph in phases:

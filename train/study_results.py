@@ -251,6 +251,12 @@ def row_order(r: dict) -> tuple:
             r["drafter"] != "ngram", r["head"] or "")
 
 
+def curve_path(results: str | Path) -> Path:
+    """The training-curve PNG that goes beside a results file."""
+    out = Path(results)
+    return out.with_name(out.stem + "_curve.png")
+
+
 def write_results(a, W: Path, rows: list[dict], eos, planned_rows: int, samplings: dict,
                   running: dict | None = None) -> dict:
     """Assemble the results (module docstring), write them to a.results, the curve PNG next to
@@ -291,7 +297,7 @@ def write_results(a, W: Path, rows: list[dict], eos, planned_rows: int, sampling
                                    for k, v in al.items() if k != "bf16_target_bf16_head"}}
     proj = projection(rows, best, a.step_times, a.projection_batches)
     out = Path(a.results)
-    png = out.with_name(out.stem + "_curve.png")
+    png = curve_path(out)
     if any(h["curve"] for h in heads.values()):
         save_curve_png(heads, png)
     result = {
