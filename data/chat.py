@@ -30,12 +30,14 @@ import shutil
 from pathlib import Path
 
 import datasets
+import torch
 
 from data.fingerprints import source_fingerprint, tokenizer_fingerprint
 from data.rows import BadRow, SkipReport, normalize_messages, parse_row
 from data.sources import load_chat_rows
 from data.tokenizer import END_OF_TURN
 from model.atomic import temp_path
+from model.token_map import coverage, frequent_tokens
 
 log = logging.getLogger(__name__)
 
@@ -321,3 +323,33 @@ def chat_prompts(source: str, tokenizer, limit: int | None = None, enable_thinki
     if report.skipped:
         log.warning("%s: %s", source, report.summary())
     return prompts
+
+
+def assistant_token_counts(ds: datasets.Dataset, vocab_size: int) -> torch.Tensor:
+    """How often each token id [vocab_size] is an assistant token (loss_mask 1) in a
+    build_chat_dataset() dataset: what the model writes (scripts/build_token_map.py)."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for batch in ds.iter(batch_size=1024):
+        for ids, mask in zip(batch["input_ids"], batch["loss_mask"]):
+            ids_t = torch.tensor(ids, dtype=torch.long)[torch.tensor(mask, dtype=torch.bool)]
+            counts += torch.bincount(ids_t, minlength=vocab_size)[:vocab_size]
+    return counts
+
+
+def token_map_from_chats(source: str, tokenizer, vocab_size: int, size: int, max_length: int,
+                         enable_thinking: bool | None = None, limit: int | None = None,
+                         num_proc: int = 1) -> tuple[torch.Tensor, dict]:
+    """A draft vocabulary from a chat source (model/token_map.py): the `size` most frequent
+    assistant token ids of its rows, rendered as training renders them, and what to record of it
+    (size, coverage of the counted tokens, counts, rows, skipped rows, the data's fingerprint)."""
+    if not 1 <= size <= vocab_size:
+        raise ValueError(f"token map size {size} must be in [1, {vocab_size}] (the target's vocabulary)")
+    ds, skips = build_chat_dataset(source, tokenizer, max_length, limit=limit, num_proc=num_proc,
+                                   enable_thinking=enable_thinking)
+    counts = assistant_token_counts(ds, vocab_size)
+    ids = frequent_tokens(counts, size)
+    return ids, {"size": size, "vocab_size": vocab_size, "coverage": coverage(counts, ids),
+                 "assistant_tokens": int(counts.sum()), "distinct_tokens_seen": int((counts > 0).sum()),
+                 "rows": len(ds), "skipped_rows": skips.as_dict(), "skip_summary": skips.summary(),
+                 "data": {"source": str(source), "fingerprint": source_fingerprint(str(source)), "limit": limit},
+                 "max_length": max_length, "thinking": enable_thinking}

@@ -35,11 +35,14 @@ No host syncs: the engine captures these functions in its CUDA graph (model/engi
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 VERIFY_RULES = ("target_only", "rejection")
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p")
@@ -83,6 +86,13 @@ def generation_config_sampling(model_dir: str | Path) -> dict:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise ValueError(f"cannot read '{path}': {exc}") from exc
+    penalty = cfg.get("repetition_penalty")
+    if penalty is not None and float(penalty) != 1.0:
+        # SGLang's --sampling-defaults model reads it too and applies it to the target's logits in
+        # plain decoding and in verification; this evaluator does not apply penalties
+        log.warning("%s sets repetition_penalty=%s: SGLang applies it when a request does not set its own, this "
+                    "evaluator does not, so acceptance can differ; serve with requests that set repetition_penalty "
+                    "1.0 to compare like with like", path, penalty)
     return {k: cfg[k] for k in SAMPLING_KEYS if cfg.get(k) is not None}
 
 

@@ -2,7 +2,8 @@
 
     drafter = build_drafter("mtp", head, target_lm)     # or "ngram"
 
-- `MTPDrafter`: chain drafting with the MTP head, as SGLang's NEXTN with topk 1.
+- `MTPDrafter`: chain drafting with the MTP head, as SGLang's NEXTN with topk 1; with a token
+  map (the head LM's `token_map`, SGLang's --speculative-token-map) it drafts among the map's ids.
 - `NGramDrafter`: prompt lookup (as SGLang's NGRAM drafter with one candidate per step): match
   the last n tokens of the row's prompt + output (n = max_n down to min_n) against earlier text
   of the same row, take the most recent match, propose the K tokens that followed it. SGLang
@@ -30,6 +31,8 @@ class MTPDrafter:
 
     def __init__(self, head_lm):
         self.head = head_lm
+        # the ids of a draft vocabulary (model/token_map.py): logits index it, drafts are its ids
+        self.token_map = getattr(head_lm, "token_map", None)
 
     def allocate(self, batch_size, max_len, steps, temperature):
         head = self.head
@@ -45,9 +48,15 @@ class MTPDrafter:
         """The next draft token (and its distribution q at T>0) from the head's output."""
         logits = self.head.logits(h_BH)
         if self.temperature == 0:
-            return logits.argmax(-1), None
+            return self._ids(logits.argmax(-1)), None
         q = F.softmax(logits / self.temperature, dim=-1)
-        return sample_from(q), q
+        d = self._ids(sample_from(q))
+        if self.token_map is not None:  # q over the whole vocabulary, 0 outside the map
+            q = q.new_zeros(q.shape[0], self.head.vocab_size).index_copy_(1, self.token_map, q)
+        return d, q
+
+    def _ids(self, idx):
+        return idx if self.token_map is None else self.token_map[idx]
 
     def _first(self, h_BH):
         d, q = self._draft(h_BH)
@@ -126,12 +135,17 @@ class NGramDrafter:
         pass
 
 
-def build_drafter(kind: str, head, target_lm: TargetLM, experts=None, compile=False, kernels=None, **ngram_kwargs):
-    """The drafter named `kind` ("mtp" needs the head; "ngram" takes max_n / min_n)."""
+def build_drafter(kind: str, head, target_lm: TargetLM, experts=None, compile=False, kernels=None, token_map=None,
+                  **ngram_kwargs):
+    """The drafter named `kind` ("mtp" needs the head and may take a token map of draft ids;
+    "ngram" takes max_n / min_n)."""
     if kind == "mtp":
         if head is None:
             raise ValueError("drafter 'mtp' needs a head (--mtp)")
-        return MTPDrafter(MTPHeadLM(head, target_lm, experts=experts, compile=compile, kernels=kernels))
+        return MTPDrafter(MTPHeadLM(head, target_lm, experts=experts, compile=compile, kernels=kernels,
+                                    token_map=token_map))
+    if token_map is not None:
+        raise ValueError(f"a token map limits an MTP head's drafts; drafter {kind!r} takes none")
     if kind == "ngram":
         return NGramDrafter(**ngram_kwargs)
     raise ValueError(f"unknown drafter {kind!r}; choose 'mtp' or 'ngram'")

@@ -246,10 +246,11 @@ class TargetLM:
 class MTPHeadLM:
     """Our forward of an `MTPHead` (same math as `MTPHead.forward`) with its own one-layer cache;
     embedding and lm_head are the target's. Interface: allocate; forward(tokens_BT, hidden_BTH,
-    positions_BT, prefill=False) -> h'_BTH; logits(h'); device, dtype, hidden_size, vocab_size."""
+    positions_BT, prefill=False) -> h'_BTH; logits(h') over the draft vocabulary (all tokens, or
+    `token_map`'s ids in its order); device, dtype, hidden_size, vocab_size."""
 
     def __init__(self, head: MTPHead, target: TargetLM, experts: str | None = None, compile: bool = False,
-                 kernels: str | None = None):
+                 kernels: str | None = None, token_map: torch.Tensor | None = None):
         cfg = head.config
         if cfg.hidden_size != target.config.hidden_size:
             raise ValueError(f"head hidden_size {cfg.hidden_size} != target hidden_size {target.config.hidden_size}")
@@ -261,6 +262,11 @@ class MTPHeadLM:
         self.norm_w = head.norm.weight.detach().to(dev, dt)
         layers = [LayerWeights.of(head.layers[0], dev, dt)]
         self.stack = LayerStack(layers, self.dims, head.rotary_emb, dev, dt, experts, compile, kernels)
+        # a draft vocabulary (model/token_map.py): the lm_head rows of its ids, as SGLang slices them
+        self.token_map = self.map_w = None
+        if token_map is not None:
+            self.token_map = token_map.to(dev, torch.long)
+            self.map_w = target.lm_head_w.index_select(0, self.token_map).contiguous()
 
     def allocate(self, batch_size: int, max_len: int) -> None:
         self.stack.allocate(batch_size, max_len)
@@ -289,7 +295,10 @@ class MTPHeadLM:
         return rms_norm(self.stack.run(z, positions_BT, prefill), self.norm_w, eps)
 
     def logits(self, hidden):
-        return self.target.logits(hidden)
+        """fp32 logits over the draft vocabulary: every token, or the token map's (in its order)."""
+        if self.map_w is None:
+            return self.target.logits(hidden)
+        return self.stack.linear(hidden, self.map_w, fp32=True)
 
 
 # ====================================================================== the drafter interface

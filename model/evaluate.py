@@ -22,6 +22,7 @@ from model.acceptance import SamplingParams, VerifyRule
 from model.drafters import DRAFTERS, build_drafter
 from model.engine import Engine, TargetLM
 from model.report import batch_size_table, build_report
+from model.token_map import load_token_map, token_map_info
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class EvalSettings:
     compile: bool = False  # torch.compile the decode-step layer
     kernels: str | None = None  # triton | torch (None = triton on CUDA when installed)
     thinking: bool | None = None  # how the prompts were rendered (recorded; None = the template's default)
+    token_map: str | None = None  # the head drafts among these token ids (SGLang's --speculative-token-map)
 
     def check(self) -> None:
         """ValueError naming the setting and the fix."""
@@ -56,6 +58,8 @@ class EvalSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.drafter not in DRAFTERS:
             raise ValueError(f"unknown drafter {self.drafter!r}; choose one of {DRAFTERS}")
+        if self.token_map is not None and self.drafter != "mtp":
+            raise ValueError(f"a token map limits an MTP head's drafts; drop it for drafter {self.drafter!r}")
 
 
 def eos_token_ids(config, tokenizer=None) -> list[int]:
@@ -112,7 +116,9 @@ def evaluate(target, head, tokenizer, prompts, settings: EvalSettings | None = N
                              f"{s.max_new_tokens} and K={s.steps} it needs --max-len >= {len(r['prompt_ids']) + room} "
                              f"(got {max_len}); raise --max-len or drop the prompt")
     eos = eos_token_ids(tlm.config, tokenizer) if eos_ids is None else list(eos_ids)
-    draft = build_drafter(s.drafter, head, tlm, experts=s.experts, compile=s.compile, kernels=s.kernels)
+    token_map = None if s.token_map is None else load_token_map(s.token_map, tlm.config.vocab_size)
+    draft = build_drafter(s.drafter, head, tlm, experts=s.experts, compile=s.compile, kernels=s.kernels,
+                          token_map=token_map)
     batch_size = min(s.batch_size, len(rows))
     engine = Engine(tlm, draft, batch_size=batch_size, max_len=max_len, max_new_tokens=s.max_new_tokens,
                     steps=s.steps, sampling=s.sampling, rule=s.verify, eos_ids=eos, cuda_graphs=s.cuda_graphs)
@@ -137,6 +143,7 @@ def evaluate(target, head, tokenizer, prompts, settings: EvalSettings | None = N
                         verify_rule=s.verify.as_dict() if not s.sampling.greedy else {"kind": "greedy"},
                         thinking=s.thinking, batch_size=batch_size, max_new_tokens=s.max_new_tokens,
                         drafter=s.drafter, device=str(tlm.device), eos_ids=eos,
+                        token_map=None if token_map is None else token_map_info(s.token_map, token_map),
                         kernels=getattr(getattr(tlm, "stack", None), "kernels", None))
 
 

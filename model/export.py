@@ -44,8 +44,10 @@ from model.mtp_weights import (
 )
 from model.safetensors_io import INDEX_NAME, SINGLE_WEIGHTS_NAME, header_bytes, read_header, read_index, weight_map
 from model.target import SUPPORTED_MODEL_TYPES, load_target_config
+from model.token_map import load_token_map, token_map_info
 
 EXPORT_INFO_NAME = "export_info.json"
+TOKEN_MAP_NAME = "hot_token_map.pt"  # an export's draft vocabulary (--token-map): SGLang's --speculative-token-map
 SHARD_NAME = "model-{i:05d}-of-{n:05d}.safetensors"
 MERGED_MTP_NAME = "model-mtp.safetensors"
 MERGED_MTP_SHARD_NAME = "model-mtp-{i:05d}-of-{n:05d}.safetensors"
@@ -259,17 +261,20 @@ def _check_out(out: Path, target: Path, checkpoint: Path, force: bool, merge: bo
         raise ValueError(f"--out '{out}' lies inside --target '{target}'; a merged copy must be written outside it")
 
 
-def sglang_command(model_path: str | Path, draft_path: str | Path, unquantized_draft: bool = False) -> str:
+def sglang_command(model_path: str | Path, draft_path: str | Path, unquantized_draft: bool = False,
+                   token_map: str | Path | None = None) -> str:
     """The SGLang launch command for a target (or merged dir) and a draft dir (docs/export.md).
     `unquantized_draft`: a bf16 draft for a quantized target; the draft would otherwise inherit the
-    target's `--quantization` (or, on sm100, the quantization SGLang reads from the target's config)."""
+    target's `--quantization` (or, on sm100, the quantization SGLang reads from the target's config).
+    `token_map`: a draft vocabulary file (model/token_map.py) for --speculative-token-map."""
     model = shlex.quote(str(Path(model_path).resolve()))
     draft = shlex.quote(str(Path(draft_path).resolve()))
     unquant = " --speculative-draft-model-quantization unquant" if unquantized_draft else ""
+    hot = f" --speculative-token-map {shlex.quote(str(Path(token_map).resolve()))}" if token_map else ""
     return (
         f"python -m sglang.launch_server --model-path {model} --speculative-algorithm NEXTN "
         f"--speculative-draft-model-path {draft} --speculative-num-steps {SGLANG_SPEC_STEPS} "
-        f"--speculative-eagle-topk 1 --speculative-num-draft-tokens {SGLANG_SPEC_STEPS + 1}{unquant}"
+        f"--speculative-eagle-topk 1 --speculative-num-draft-tokens {SGLANG_SPEC_STEPS + 1}{unquant}{hot}"
     )
 
 
@@ -365,6 +370,7 @@ def export_mtp(
     acceptance_length: float | None = None,
     train_config: Any = None,
     run_id: str | None = None,
+    token_map: str | Path | None = None,
 ) -> Path:
     """Write MTP weights from `checkpoint` as an SGLang NEXTN draft dir (default) or, with
     `merge`, as a copy of the target with an added `mtp` shard. Returns `out`.
@@ -380,6 +386,8 @@ def export_mtp(
     `train_config` (a dict or dataclass) and `acceptance_length` go into export_info.json; when
     not given they are taken from the run's config.yaml / an earlier export_info.json. `run_id`
     (training's export) is recorded too, so a rerun of the same run recognises its own export.
+    `token_map`: a draft vocabulary file (scripts/build_token_map.py), checked against the target's
+    vocabulary and copied into `out` as TOKEN_MAP_NAME; the SGLang command passes it.
     """
     checkpoint, target, out = Path(checkpoint), Path(target), Path(out)
     torch_dtype = _parse_dtype(dtype)
@@ -388,6 +396,7 @@ def export_mtp(
     export_plan = plan_export(target, merge, quantize)
     _check_out(out, target, checkpoint, force, merge)
     plan = _plan_merge(target) if merge else None
+    hot = None if token_map is None else load_token_map(token_map, config.vocab_size)
 
     state = load_mtp_state(checkpoint, config)
     mtp = head_to_mtp(state)
@@ -412,7 +421,8 @@ def export_mtp(
     if dataclasses.is_dataclass(train_config) and not isinstance(train_config, type):
         train_config = dataclasses.asdict(train_config)
     unquantized_draft = export_plan.target_quantization is not None and not export_plan.quantize
-    command = sglang_command(out if merge else target, out, unquantized_draft=unquantized_draft)
+    command = sglang_command(out if merge else target, out, unquantized_draft=unquantized_draft,
+                             token_map=out / TOKEN_MAP_NAME if hot is not None else None)
     training_config = train_config if train_config is not None else found_config
     info = {
         "format": "merged-target" if merge else "sglang-nextn-draft",
@@ -429,6 +439,8 @@ def export_mtp(
         "quantization": export_plan.target_quantization.describe() if export_plan.quantize else None,
         "target_quantization": export_plan.target_quantization.describe() if export_plan.target_quantization else None,
         "sglang_command": command,
+        "token_map": None if hot is None else {**token_map_info(token_map, hot), "path": TOKEN_MAP_NAME,
+                                               "source": str(Path(token_map).resolve())},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "toolkit_version": _toolkit_version(),
         **({"run_id": run_id} if run_id else {}),
@@ -439,5 +451,7 @@ def export_mtp(
             _write_merged(tmp, target, draft_text, tensors, max_shard_bytes, plan)
         else:
             _write_draft(tmp, target, draft_text, tensors, max_shard_bytes)
+        if hot is not None:
+            shutil.copyfile(token_map, tmp / TOKEN_MAP_NAME)  # the bytes the recorded sha256 names
         _write_json(tmp / EXPORT_INFO_NAME, info)
     return out

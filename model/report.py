@@ -112,6 +112,8 @@ DEFINITIONS = {
     "accept_histogram": "index n: verify steps that emitted n+1 tokens (n drafts accepted)",
     "tokens_per_s": "decode-step tokens over decode time (prefill and its first token excluded)",
     "lossless": "greedy: every prompt's speculative output equals plain greedy decoding (null when sampling)",
+    "token_map": "the draft vocabulary: the head drafted among these token ids only (SGLang's "
+                 "--speculative-token-map); null = the whole vocabulary",
     "verify_rule": "target_only = SGLang's default (top-1 drafts, accept with probability p(d)); "
                    "rejection = --speculative-use-rejection-sampling (sampled drafts, min(1, p/q))",
 }
@@ -139,7 +141,8 @@ def format_report(report: dict) -> str:
     rule = report.get("verify_rule", {}).get("kind", "target_only") if sp["temperature"] > 0 else "greedy"
     lines = [
         f"drafter {report.get('drafter', 'mtp')}  K={K}  prompts {report['num_prompts']}  "
-        f"tokens {report['generated_tokens']}  verify steps {report['verify_steps']}",
+        f"tokens {report['generated_tokens']}  verify steps {report['verify_steps']}"
+        + (f"  token map {tm['size']:,} ids ({tm['path']})" if (tm := report.get("token_map")) else ""),
         f"sampling T={sp['temperature']} top_p={sp['top_p']} top_k={sp['top_k']} min_p={sp['min_p']}  "
         f"verify {rule}  thinking {report.get('thinking')}",
         f"acceptance length   {f(report['acceptance_length'])} (pooled, SGLang avg_spec_accept_length)  "

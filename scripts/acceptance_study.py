@@ -72,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--step-times", default="docs/results/eval_speed_persistent.json",
                    help="scripts/bench_decode.py results at the real shape, for the projection")
     p.add_argument("--projection-batches", type=int, nargs="+", default=[1, 8, 16])
+    p.add_argument("--token-map-size", type=int, default=32768, metavar="N",
+                   help="also evaluate the best head drafting among the N most frequent tokens of its training data "
+                        "(SGLang's --speculative-token-map); 0 = skip")
     p.add_argument("--smoke", action="store_true",
                    help="the whole study in minutes on a CPU: tiny target, a few rows, the default heads (tests)")
     a = p.parse_args(argv)
@@ -79,6 +82,8 @@ def parse_args(argv=None):
                  "curve_points", "heldout_prompts", "eval_batch_size"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.token_map_size < 0:
+        p.error("--token-map-size must be >= 0 (0 skips the token-map rows)")
     if min(a.ks) < 1 or min(a.fp8_block) < 1 or min(a.projection_batches) < 1:
         p.error("--ks, --fp8-block and --projection-batches take positive integers")
     if not a.heads:

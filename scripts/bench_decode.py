@@ -10,7 +10,8 @@
 Side by side, in one process, on the same model:
   ours    plain decode step; verify step (target forward over K+1 tokens + acceptance, K=1,3);
           full speculative step (K-1 head draft forwards + verify + draft extend), each one
-          CUDA graph, with
+          CUDA graph, also with a draft vocabulary of --token-map-sizes ids (SGLang's
+          --speculative-token-map: each draft step reads that many lm_head rows), with
             triton  the decode kernels (model/linear_kernels.py, attn_kernels.py,
                     moe_kernels.py; the engine's default on CUDA), layers eager;
             torch   the torch path (cuBLAS, SDPA, grouped_mm experts; the previous default);
@@ -74,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-hf", action="store_true", help="no HF generate() at all")
     p.add_argument("--skip-hf-static", action="store_true")
     p.add_argument("--skip-compile", action="store_true")
+    p.add_argument("--token-map-sizes", default="32768",
+                   help="also time the speculative step with a token map of N ids (comma list; '' for none)")
     p.add_argument("--compile-ks", default="3",
                    help="K values measured with compiled layers (each K adds a compiled (B, K+1) shape)")
     p.add_argument("--budget-s", type=float, default=450.0, help="stop starting stages after this")
@@ -96,7 +99,7 @@ def bench_ours(model, head, cfg, B: int, ks: list[int], a, kernels: str, experts
     K_max = max(ks)
     max_new = (a.iters + 4) * (K_max + 1) + 1  # rows never finish while timed
     max_len = a.ctx + max_new + K_max + 1
-    out = {"verify_ms": {}, "spec_ms": {}}
+    out = {"verify_ms": {}, "spec_ms": {}, "spec_map_ms": {}}
     t = time.perf_counter()
     tlm = TargetLM(model, experts=experts, compile=compile_, kernels=kernels)
     plain = Engine(tlm, None, batch_size=B, max_len=max_len, max_new_tokens=max_new, steps=K_max)
@@ -117,6 +120,14 @@ def bench_ours(model, head, cfg, B: int, ks: list[int], a, kernels: str, experts
         step = eng.start(prompts, speculative=True)
         out["spec_ms"][K] = time_steps(step, a.iters, device)
         del eng, step, head_lm
+    for size in a.token_map_sizes:  # any `size` ids: the draft step's cost depends on how many
+        ids = torch.randperm(cfg.vocab_size, generator=gen)[:size].to(device)
+        for K in ks:
+            head_lm = MTPHeadLM(head, tlm, experts=experts, compile=compile_, kernels=kernels, token_map=ids)
+            eng = Engine(tlm, MTPDrafter(head_lm), batch_size=B, max_len=max_len, max_new_tokens=max_new, steps=K)
+            step = eng.start(prompts, speculative=True)
+            out["spec_map_ms"].setdefault(size, {})[K] = time_steps(step, a.iters, device)
+            del eng, step, head_lm
     out["total_s"] = time.perf_counter() - t
     del tlm
     free_memory()
@@ -183,6 +194,13 @@ def markdown(res: dict, batch_sizes: list[int], ks: list[int]) -> str:
             vals = [g(res, key + "_by_mode", m, *sub, B) for m in modes]
             fl = g(res, "hbm_floor_ms", "decode" if K is None else f"verify_K={K}", B) if key != "spec_step_ms" else None
             lines.append(f"| {name} | {B} | " + " | ".join(f(v, "{:.2f}") for v in vals) + f" | {f(fl, '{:.3f}')} |")
+    for size in res["spec_step_ms_token_map"]:
+        for K in ks:
+            for B in batch_sizes:
+                vals = [g(res, "spec_step_ms_token_map_by_mode", m, size, f"K={K}", B) for m in modes]
+                if any(v is not None for v in vals):
+                    lines.append(f"| spec step K={K}, token map {int(size):,} | {B} | "
+                                 + " | ".join(f(v, "{:.2f}") for v in vals) + " | - |")
     return "\n".join(lines)
 
 
@@ -197,6 +215,12 @@ def main(argv=None) -> int:
     if min(ks) < 1 or min(batch_sizes) < 1:
         raise SystemExit("error: --ks and --batch-sizes must be >= 1")
     compile_ks = [int(x) for x in a.compile_ks.split(",") if x] or ks[-1:]
+    try:
+        a.token_map_sizes = [int(x) for x in a.token_map_sizes.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --token-map-sizes must be a comma list of integers (got {a.token_map_sizes!r})") from None
+    if any(n < 1 or n > NAMED[a.config].get("vocab_size", 151936) for n in a.token_map_sizes):
+        raise SystemExit(f"error: --token-map-sizes must lie in [1, the vocabulary size] (got {a.token_map_sizes})")
     kernel_sets = (a.kernels or ("triton,torch" if cuda else "torch")).split(",")
     res = {
         "config": a.config, "device": str(device), "gpu": torch.cuda.get_device_name() if cuda else "cpu",
@@ -208,6 +232,8 @@ def main(argv=None) -> int:
         "kernel_config": {"moe": moe_kernels.CONFIG, "attention": attn_kernels.CONFIG, "linear": linear_kernels.CONFIG},
         "decode_tok_s": {}, "verify_step_ms": {}, "spec_step_ms": {},  # best mode per batch size
         "decode_tok_s_by_mode": {}, "decode_step_ms_by_mode": {}, "verify_step_ms_by_mode": {}, "spec_step_ms_by_mode": {},
+        # token map size -> K -> batch: the speculative step drafting among that many ids
+        "spec_step_ms_token_map": {}, "spec_step_ms_token_map_by_mode": {},
         "hbm_floor_ms": {}, "hf_generate_tok_s": {}, "hf_generate_step_ms": {},
         "hf_static_compile_tok_s": {}, "hf_static_compile_first_call_s": {}, "setup_s": {},
         "kernels_check": None, "lossless_check": {}, "errors": {}, "skipped": [],
@@ -260,6 +286,11 @@ def main(argv=None) -> int:
             for K, ms in out[name].items():
                 res[key + "_by_mode"].setdefault(mode, {}).setdefault(f"K={K}", {})[b] = ms
                 best = res[key].setdefault(f"K={K}", {})
+                best[b] = min(ms, best.get(b, float("inf")))
+        for size, by_k in out["spec_map_ms"].items():
+            for K, ms in by_k.items():
+                res["spec_step_ms_token_map_by_mode"].setdefault(mode, {}).setdefault(str(size), {}).setdefault(f"K={K}", {})[b] = ms
+                best = res["spec_step_ms_token_map"].setdefault(str(size), {}).setdefault(f"K={K}", {})
                 best[b] = min(ms, best.get(b, float("inf")))
         res["setup_s"].setdefault(mode, {})[str(B)] = out["setup_s"]
         log(f"  {mode} B={B}: decode {out['decode_ms']:.2f} ms ({B * 1e3 / out['decode_ms']:.0f} tok/s), "

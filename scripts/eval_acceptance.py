@@ -10,6 +10,8 @@
 
 --mtp takes a training checkpoint dir (head.safetensors), final/, an exported draft dir or a
 .safetensors file. --drafter ngram measures prompt-lookup drafting instead (no --mtp needed).
+--token-map FILE drafts among the file's token ids only, as SGLang's --speculative-token-map does
+(scripts/build_token_map.py builds one; each draft step then reads those lm_head rows only).
 Each prompt batch is decoded twice by the same engine with the same sampler: speculatively and
 plainly (the baseline, and when greedy the lossless reference).
 
@@ -32,6 +34,7 @@ Report fields (JSON; `definitions` in the report says the same):
                            target's own top token at the positions reached (a top-1 drafter's ceiling)
   accept_histogram         K+1 counts: verify steps that emitted 1 .. K+1 tokens
   sampling, verify_rule, thinking     how the run decoded and rendered
+  token_map                with --token-map: its path, size and sha256 (null without)
   num_prompts, generated_tokens, verify_steps, steps, temperature
   spec_tokens_per_s, baseline_tokens_per_s, speedup   decode phase only (prefill excluded)
   by_batch_size            with --batch-sizes: per batch size tok/s, speed-up, speculation_slower
@@ -57,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--target", required=True, help="Qwen3-MoE model dir")
     p.add_argument("--mtp", help="head weights: checkpoint dir, final/, draft dir or .safetensors")
     p.add_argument("--drafter", default="mtp", choices=["mtp", "ngram"])
+    p.add_argument("--token-map", default=None, metavar="FILE",
+                   help="draft among these token ids only (scripts/build_token_map.py; SGLang's --speculative-token-map)")
     p.add_argument("--prompts", default="mt-bench",
                    help="'mt-bench' (the 80 questions shipped in data/mt_bench/), 'sharegpt-package', or a "
                         "chat/MT-Bench .jsonl/.json/.parquet file or dir")
@@ -119,6 +124,10 @@ def check_args(a) -> None:
         raise SystemExit("error: --mtp is required with --drafter mtp (or pass --drafter ngram)")
     if not Path(a.target).exists():
         raise SystemExit(f"error: --target '{a.target}' does not exist; pass a Qwen3-MoE model dir")
+    if a.token_map and a.drafter != "mtp":
+        raise SystemExit("error: --token-map limits an MTP head's drafts; drop it with --drafter ngram")
+    if a.token_map and not Path(a.token_map).is_file():
+        raise SystemExit(f"error: --token-map '{a.token_map}' does not exist; build one with scripts/build_token_map.py")
     if a.mtp and not Path(a.mtp).exists():
         raise SystemExit(f"error: --mtp '{a.mtp}' does not exist; pass a checkpoint dir, final/, a draft dir "
                          "or a .safetensors file")
@@ -155,7 +164,7 @@ def main(argv=None) -> int:
         settings = EvalSettings(steps=a.steps, sampling=sampling, verify=rule, batch_size=a.batch_size,
                                 max_new_tokens=a.max_new_tokens, seed=a.seed, max_len=a.max_len, drafter=a.drafter,
                                 baseline=not a.no_baseline, experts=a.experts, compile=a.compile, kernels=a.kernels,
-                                thinking=thinking)
+                                thinking=thinking, token_map=a.token_map)
         if a.batch_sizes:
             report = evaluate_batch_sizes(target, head, tokenizer, prompts, settings, a.batch_sizes, device=a.device)
         else:

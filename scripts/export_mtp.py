@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES, help="shard size limit (default 5 GiB)")
     p.add_argument("--acceptance-length", type=float, default=None, help="measured acceptance length, recorded in export_info.json")
+    p.add_argument("--token-map", default=None, metavar="FILE",
+                   help="a draft vocabulary (scripts/build_token_map.py), copied into the export; the SGLang command "
+                        "passes it as --speculative-token-map")
     args = p.parse_args(argv)
     if not args.check and not (args.checkpoint and args.out):
         p.error("--checkpoint and --out are required (or --check DIR to verify an export)")
@@ -57,9 +60,9 @@ def main(argv: list[str] | None = None) -> None:
         out = export_mtp(
             args.checkpoint, args.target, args.out, merge=args.merge, dtype=args.dtype, quantize=args.quantize,
             force=args.force,
-            max_shard_bytes=args.max_shard_bytes, acceptance_length=args.acceptance_length,
+            max_shard_bytes=args.max_shard_bytes, acceptance_length=args.acceptance_length, token_map=args.token_map,
         )
-    except ValueError as exc:  # user and input errors: the message says what to fix
+    except (ValueError, FileNotFoundError) as exc:  # user and input errors: the message says what to fix
         raise SystemExit(f"error: {exc}") from None
     with open(out / EXPORT_INFO_NAME, encoding="utf-8") as f:
         info = json.load(f)
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     if info["target_quantization"] and not info["quantization"]:
         print(f"the target is {info['target_quantization']}; this draft is {info['dtype']} with no quantization_config, "
               "so SGLang must not quantize it: the command passes --speculative-draft-model-quantization unquant")
+    if info.get("token_map"):
+        print(f"token map: {info['token_map']['size']:,} draft token ids in {out / info['token_map']['path']}")
     print("serve with SGLang:")
     print(f"  {info['sglang_command']}")
 

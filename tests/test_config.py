@@ -42,6 +42,7 @@ def test_overrides_are_typed():
     ("train.profile_step=-1", "train.profile_step"),
     ("train.profile_step=100000", "train.profile_step"),  # past train.max_steps: it would never profile
     ("head.compile=maybe", "head.compile"),
+    ("eval.token_map=/no/such/hot_vocab.pt", "eval.token_map"),  # a missing map, before training starts
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
@@ -86,9 +87,26 @@ def test_eval_sampling_resolves_like_the_cli(tmp_path):
                                                    "data.enable_thinking=false"])
     s = eval_settings(cfg)
     assert (s.sampling.temperature, s.sampling.top_p, s.sampling.top_k) == (0.6, 0.95, 5)
-    assert s.verify.kind == "target_only" and s.thinking is False
+    assert s.verify.kind == "target_only" and s.thinking is False and s.token_map is None
     s = eval_settings(load_config(ROOT / "configs/tiny.yaml", [f"target.path={tmp_path}", "eval.rejection_sampling=true"]))
     assert s.sampling.greedy and s.verify.kind == "rejection"
+
+
+def test_a_repetition_penalty_in_generation_config_is_named(tmp_path, caplog):
+    """SGLang's --sampling-defaults model applies it; the evaluator does not, so it says so."""
+    import json
+
+    from model.acceptance import resolve_sampling
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.7, "repetition_penalty": 1.05}))
+    with caplog.at_level("WARNING", logger="model.acceptance"):
+        sp, _ = resolve_sampling({}, tmp_path, "model")
+    assert sp.temperature == 0.7 and "repetition_penalty=1.05" in caplog.text
+    caplog.clear()
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.7, "repetition_penalty": 1.0}))
+    with caplog.at_level("WARNING", logger="model.acceptance"):
+        resolve_sampling({}, tmp_path, "model")
+    assert "repetition_penalty" not in caplog.text
 
 
 def test_every_key_is_classified_for_resume_exactly_once():

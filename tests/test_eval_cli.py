@@ -118,6 +118,9 @@ def test_bench_decode_cpu_smoke(tmp_path):
     for key in ("hf_static_compile_tok_s", "hbm_floor_ms", "gpu", "date", "torch", "transformers"):
         assert key in res
     assert "| batch |" in res["markdown"]
+    # the speculative step with a 32,768-id draft vocabulary (the default --token-map-sizes)
+    assert set(res["spec_step_ms_token_map"]["32768"]) == {"K=1", "K=2"}
+    assert set(res["spec_step_ms_token_map"]["32768"]["K=2"]) == {"1", "2"} and "token map 32,768" in res["markdown"]
 
 
 def test_profile_decode_cpu_smoke(tmp_path):

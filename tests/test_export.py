@@ -554,6 +554,28 @@ def test_cli_prints_the_sglang_command(tmp_path, checkpoint, target):
     ) in run.stdout
 
 
+def test_token_map_is_checked_copied_and_passed_to_sglang(tmp_path, checkpoint, target, cfg):
+    from model.export import TOKEN_MAP_NAME
+    from model.mtp_weights import verify_export
+    from model.token_map import load_token_map, save_token_map
+
+    save_token_map(torch.arange(0, cfg.vocab_size, 4), tmp_path / "hot.pt")
+    cli = load_script("export_mtp")
+    out = tmp_path / "mapped"
+    cli.main(["--checkpoint", str(checkpoint), "--target", str(target), "--out", str(out),
+              "--token-map", str(tmp_path / "hot.pt")])
+    info = json.loads((out / EXPORT_INFO_NAME).read_text())
+    assert load_token_map(out / TOKEN_MAP_NAME, cfg.vocab_size).tolist() == list(range(0, cfg.vocab_size, 4))
+    assert info["token_map"]["size"] == cfg.vocab_size // 4 and info["token_map"]["path"] == TOKEN_MAP_NAME
+    assert info["sglang_command"].endswith(f"--speculative-token-map {(out / TOKEN_MAP_NAME).resolve()}")
+    assert verify_export(out, cfg) > 0  # the map beside the weights changes nothing SGLang loads
+    save_token_map(torch.tensor([0, cfg.vocab_size]), tmp_path / "big.pt")  # another tokenizer's map
+    with pytest.raises(SystemExit, match="error: .*outside the vocabulary"):
+        cli.main(["--checkpoint", str(checkpoint), "--target", str(target), "--out", str(tmp_path / "bad"),
+                  "--token-map", str(tmp_path / "big.pt")])
+    assert not (tmp_path / "bad").exists()
+
+
 def test_cli_errors_are_one_line_messages(tmp_path, checkpoint, target):
     # in-process: a second interpreter start costs ~10 s of imports
     cli = load_script("export_mtp")

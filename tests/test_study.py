@@ -9,6 +9,7 @@ import math
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +18,7 @@ from helpers import ROOT, load_script
 from model.acceptance import VerifyRule
 from train.study import DEFAULT_HEADS, eval_plan, row_key, study_samplings, train_plan
 from train.config import load_config, save_config
-from train.study_results import drafter_text, goals, head_info, loop_numbers, markdown, projection
+from train.study_results import drafter_text, goals, head_info, loop_numbers, markdown, projection, top1_ceiling
 
 MT_BENCH = ROOT / "data" / "mt_bench" / "question.jsonl"
 STEP_TIMES = ROOT / "docs" / "results" / "eval_speed_persistent.json"
@@ -42,6 +43,10 @@ def test_eval_plan_puts_the_goals_rows_first():
     assert all(r["drafter"] == ("ngram" if r["head"] is None else "mtp") and r["target"] == "bf16" for r in rows)
     # no MT-Bench file: no FP8 item (it runs on MT-Bench); no K = 3: neither
     assert "fp8" not in eval_plan([1, 3], ["sharegpt_heldout"], ["h1"]) and "fp8" not in eval_plan([1], ["mt_bench"], ["h1"])
+    # with a token-map size: its item right after the FP8 item; without MT-Bench or heads, none
+    mapped = eval_plan([1, 2, 3], ["mt_bench", "sharegpt_heldout"], ["h1", "h3"], token_map_size=32768)
+    assert mapped[12:14] == ["fp8", "token_map"] and "token_map" not in plan
+    assert "token_map" not in eval_plan([1, 3], ["sharegpt_heldout"], ["h1"], 32768) + eval_plan([1, 3], ["mt_bench"], [], 32768)
 
 
 def test_loop_numbers_pool_the_non_looping_prompts():
@@ -90,6 +95,60 @@ def test_projection_combines_acceptance_with_the_measured_step_times(tmp_path):
     assert g[2]["value"] == pytest.approx(1.6) and g[3]["value"] == pytest.approx(3.2 / 4.0 * 1000 / 300.0)
     assert all({"value", "op", "threshold", "source"} <= set(x) for x in g)
     assert goals([], None, projection([], None, str(tmp_path / "none.json"), [1]), {})[0]["pass"] is None
+
+    # the best head with a token map: projected with the step times measured with a map that size
+    st["spec_step_ms_token_map"] = {"32768": {"K=3": {"1": 3.5, "8": 11.0}}}
+    (tmp_path / "speed.json").write_text(json.dumps(st))
+    rows += [row("mtp", "h3@token-map-32768", "mt_bench", "greedy", 3, 3.1, token_map_size=32768),
+             row("mtp", "h3@token-map-32768", "mt_bench", "greedy", 1, 1.8, token_map_size=32768)]
+    p = projection(rows, "h3", str(tmp_path / "speed.json"), [1, 8])
+    mapped = [x for x in p["entries"] if x["token_map"]]
+    assert {(x["head"], x["K"], x["batch"]) for x in mapped} == {("h3@token-map-32768", 3, 1), ("h3@token-map-32768", 3, 8)}
+    m1 = next(x for x in mapped if x["batch"] == 1)
+    assert m1["step_ms"] == 3.5 and m1["projected_speedup"] == pytest.approx(3.1 / 3.5 * 1000 / 300.0)
+    g = goals(rows, "h3", p, demo)
+    assert g[3]["value"] == pytest.approx(3.2 / 4.0 * 1000 / 300.0)  # the goal itself: the whole vocabulary
+    assert "32,768-id token map" in g[4]["goal"] and g[4]["value"] == pytest.approx(m1["projected_speedup"])
+    assert len(g) == 7 and g[4]["threshold"] == 1.8
+    st.pop("spec_step_ms_token_map")  # a step-times file from before token maps: no mapped entries
+    (tmp_path / "speed.json").write_text(json.dumps(st))
+    assert not any(x["token_map"] for x in projection(rows, "h3", str(tmp_path / "speed.json"), [1])["entries"])
+
+
+def test_top1_ceiling_estimates_the_best_any_top1_drafter_reaches(tmp_path):
+    """1 + sum_k prod_{j<=k} m_j over a T > 0 row's top-token acceptance m: per row in the markdown,
+    and over n-gram's acceptance length beside goal 3 (also for a results file written before it)."""
+    def rec(drafter, head, K, al, mode):
+        return {**row(drafter, head, "mt_bench", "recommended", K, al, per_position_mode_acceptance=mode,
+                      per_position_acceptance=[0.3] * K, speedup=0.6, lossless=None),
+                "sampling": {"temperature": 0.7, "top_p": 0.8, "top_k": 20}}
+
+    assert top1_ceiling(rec("mtp", "h3", 2, 1.3, [0.5, 0.4])) == pytest.approx(1 + 0.5 + 0.5 * 0.4)
+    assert top1_ceiling(rec("mtp", "h3", 3, 1.3, [0.5, 0.4, 0.5])) == pytest.approx(1.8)
+    assert top1_ceiling(row("mtp", "h3", "mt_bench", "greedy", 3, 2.4, per_position_mode_acceptance=None)) is None
+    assert top1_ceiling(row("mtp", "h3", "mt_bench", "recommended", 3, 1.3)) is None  # written before it existed
+    assert top1_ceiling(rec("mtp", "h3", 3, 1.3, [])) is None
+    assert top1_ceiling(rec("mtp", "h3", 3, 1.0, [0.5, None, None])) is None  # positions never reached
+
+    greedy = {**row("mtp", "h3", "mt_bench", "greedy", 3, 2.4), "per_position_acceptance": [0.7, 0.6, 0.5],
+              "per_position_mode_acceptance": None, "sampling": {"temperature": 0}, "speedup": 1.1, "lossless": True}
+    rows = [greedy, rec("mtp", "h3", 3, 1.5, [0.5, 0.4, 0.5]), rec("ngram", None, 3, 1.2, [0.3, 0.2, 0.4])]
+    g = goals(rows, "h3", projection(rows, "h3", str(tmp_path / "none.json"), [1]), {})
+    assert g[2]["value"] == pytest.approx(1.25) and g[2]["ceiling"] == pytest.approx(1.8 / 1.2)
+    assert "top-1 drafter" in g[2]["ceiling_note"] and "estimate" in g[2]["ceiling_note"]
+    assert all("ceiling" not in x for i, x in enumerate(g) if i != 2)
+
+    res = {"complete": True, "demo_target": dict.fromkeys(("params", "params_embedding_and_head", "tokens_trained",
+                                                           "train_seconds", "heldout_loss")),
+           "target_output_diversity": {}, "heads": {}, "curve": {"png": None}, "rows": rows, "fp8": None,
+           "projection": {"skipped": "no step times"}, "simulated_vs_measured": {}, "goals": g, "best_head": "h3"}
+    md = markdown(res)
+    assert "(top token 0.50 / 0.40 / 0.50; ceiling ~1.80)" in md and "(top token 0.30 / 0.20 / 0.40; ceiling ~1.38)" in md
+    assert "0.70 / 0.60 / 0.50 |" in md  # greedy: no top token, no ceiling
+    assert "| 1.250 (top-1 ceiling (est.) 1.500) | >= 1.5 |" in md and g[2]["ceiling_note"] in md
+    # a file written before goal 3 carried the ceiling: the markdown works it out from the rows
+    old = {**res, "goals": [{k: v for k, v in x.items() if k not in ("ceiling", "ceiling_note")} for x in g]}
+    assert markdown(old) == md
 
 
 def test_recommended_sampling_is_the_targets_or_qwen3s(tmp_path):
@@ -151,10 +210,11 @@ def test_acceptance_study_smoke(tmp_path):
         assert f"phase {phase}: " in proc.stdout  # each phase's wall time is printed
     res = json.loads((work / "acceptance_study.json").read_text())
     heads = list(DEFAULT_HEADS)
-    assert res["complete"] and res["rows_done"] == res["rows_planned"] == 3 * 2 * 2 * 2 + 2
+    assert res["complete"] and res["rows_done"] == res["rows_planned"] == 3 * 2 * 2 * 2 + 2 + 4
 
     # rows: drafter x head x prompt set x sampling x K on the target, each saying how it ran
-    keys = {(r["drafter"], r["head"], r["prompts"], r["sampling_name"], r["K"]) for r in res["rows"] if r["target"] == "bf16"}
+    keys = {(r["drafter"], r["head"], r["prompts"], r["sampling_name"], r["K"]) for r in res["rows"]
+            if r["target"] == "bf16" and not r.get("token_map_size")}
     assert keys == {(d, h, p, s, K) for d, h in [("ngram", None)] + [("mtp", h) for h in heads]
                     for p in ("mt_bench", "sharegpt_heldout") for s in ("greedy", "recommended") for K in (1, 3)}
     for r in res["rows"]:
@@ -211,6 +271,16 @@ def test_acceptance_study_smoke(tmp_path):
     fp8_rows = [r for r in res["rows"] if r["target"] == "fp8"]
     assert {r["head"] for r in fp8_rows} == {f"{best}@fp8-target/bf16-draft", f"{best}@fp8-target/fp8-draft"}
     assert all(r["lossless"] is True and r["K"] == 3 for r in fp8_rows)
+
+    # token map: the best head drafting among the 32,768 most frequent tokens of its training answers
+    mapped = [r for r in res["rows"] if r.get("token_map_size")]
+    assert {(r["head"], r["sampling_name"], r["K"]) for r in mapped} == {
+        (f"{best}@token-map-32768", s, K) for s in ("greedy", "recommended") for K in (1, 3)}
+    assert all(r["token_map"]["size"] == 32768 and r["lossless"] is (True if r["sampling_name"] == "greedy" else None)
+               for r in mapped)
+    tm = res["token_map"]
+    assert tm["size"] == 32768 and 0.9 < tm["coverage"] <= 1.0 and tm["head"] == best and Path(tm["path"]).is_file()
+    assert "Token map:" in (work / "acceptance_study.md").read_text()
 
     # projection at the real shape, from the shipped bench_decode.py results
     proj = res["projection"]

@@ -252,6 +252,26 @@ def test_eval_after_training_gates_the_export(tiny_target_dir, chat_jsonl, tmp_p
     assert "export skipped" in p.stdout + p.stderr
 
 
+@pytest.mark.slow
+def test_eval_token_map_drafts_with_it_and_the_export_ships_it(tiny_target_dir, chat_jsonl, tmp_path):
+    """eval.token_map: the end-of-run evaluation drafts among the map's ids and the export carries
+    the map, with --speculative-token-map in its SGLang command."""
+    from model.export import EXPORT_INFO_NAME, TOKEN_MAP_NAME
+    from model.token_map import save_token_map
+
+    save_token_map(torch.arange(0, 151936, 3), tmp_path / "hot.pt")
+    out = tmp_path / "mapped"
+    run(TRAIN + base_overrides(tiny_target_dir, chat_jsonl, out, **{
+        "train.max_steps": 2, "data.holdout": 4, "eval.enabled": "true", "eval.num_prompts": 2,
+        "eval.max_new_tokens": 4, "eval.steps": 2, "eval.batch_size": 2, "export.enabled": "true",
+        "eval.token_map": tmp_path / "hot.pt"}))
+    report = json.loads((out / "eval.json").read_text())
+    assert report["token_map"]["size"] == len(range(0, 151936, 3)) and report["lossless"] is True
+    info = json.loads((out / "export" / EXPORT_INFO_NAME).read_text())
+    assert (out / "export" / TOKEN_MAP_NAME).is_file() and info["token_map"]["size"] == report["token_map"]["size"]
+    assert "--speculative-token-map" in info["sglang_command"]
+
+
 def test_batches_read_ahead_never_make_a_resume_skip_or_repeat_one():
     """The GPU prefetcher reads one batch ahead of the step; `state` must still name the batches the
     steps consumed, so a run resumed from it continues with exactly the next batch (across an epoch

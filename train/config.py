@@ -116,6 +116,9 @@ class EvalConfig:
     accept_threshold_acc: float = 1.0  # SGLang's --speculative-accept-threshold-acc
     batch_size: int = 8
     min_acceptance_length: float | None = None  # export only if reached (when set)
+    # a draft vocabulary (scripts/build_token_map.py): the evaluation drafts among its token ids and
+    # the export ships it, so the printed SGLang command passes it as --speculative-token-map
+    token_map: str | None = None
 
 
 @dataclass
@@ -324,6 +327,8 @@ def validate(cfg: Config) -> None:
         "offline training (data.hidden_states) loads no target layers, so the speculative evaluator cannot run in "
         "the same process; set eval.enabled=false and evaluate the export with scripts/eval_acceptance.py",
     )
+    need(cfg.eval.token_map is None or Path(cfg.eval.token_map).is_file(), "eval.token_map",
+         f"{cfg.eval.token_map} does not exist; build one with scripts/build_token_map.py or set null")
     need(cfg.export.dtype in ("bf16", "fp16", "fp32"), "export.dtype", "must be bf16, fp16 or fp32")
     need(cfg.export.quantize in ("none", "fp8"), "export.quantize", "must be none or fp8")
 
@@ -364,6 +369,7 @@ RESUME_SAFE = frozenset({
     "eval.enabled", "eval.prompts", "eval.num_prompts", "eval.max_new_tokens", "eval.steps", "eval.sampling",
     "eval.temperature", "eval.top_p", "eval.top_k", "eval.min_p", "eval.rejection_sampling",
     "eval.accept_threshold_single", "eval.accept_threshold_acc", "eval.batch_size", "eval.min_acceptance_length",
+    "eval.token_map",
     "export.enabled", "export.out", "export.dtype", "export.merge", "export.quantize",
 })
 # values that name a local path: compared as resolved paths, so `x.jsonl` and `./x.jsonl` agree

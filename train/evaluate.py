@@ -44,7 +44,8 @@ def eval_settings(cfg) -> EvalSettings:
     rule = VerifyRule("rejection" if e.rejection_sampling else "target_only",
                       threshold_single=e.accept_threshold_single, threshold_acc=e.accept_threshold_acc)
     return EvalSettings(steps=e.steps, sampling=sampling, verify=rule, batch_size=e.batch_size,
-                        max_new_tokens=e.max_new_tokens, seed=cfg.train.seed, thinking=cfg.data.enable_thinking)
+                        max_new_tokens=e.max_new_tokens, seed=cfg.train.seed, thinking=cfg.data.enable_thinking,
+                        token_map=e.token_map)
 
 
 def run_eval(cfg, target, tokenizer, head_dir: Path, heldout_ds, report_path: Path) -> dict:

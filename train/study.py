@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from data.chat import build_chat_dataset, chat_prompts
+from data.chat import build_chat_dataset, chat_prompts, token_map_from_chats
 from data.regenerate import write_jsonl
 from data.tokenizer import load_tokenizer
 from model.acceptance import SamplingParams, VerifyRule, resolve_sampling
@@ -56,9 +56,10 @@ from model.export import export_mtp
 from model.fp8 import quantize_checkpoint
 from model.mtp_weights import load_head
 from model.target import FrozenTarget, load_target_config
+from model.token_map import save_token_map
 from train.demo_target import load_rows, split_rows
-from train.study_results import (FP8_K, FP8_PROMPTS, PROMPT_ORDER, SAMPLING_ORDER, best_head, fp8_rows, head_dir,
-                                 loop_numbers, read_jsonl, write_results)
+from train.study_results import (FP8_K, FP8_PROMPTS, PROMPT_ORDER, SAMPLING_ORDER, TOKEN_MAP_PROMPTS, best_head,
+                                 fp8_rows, head_dir, loop_numbers, read_jsonl, token_map_rows, write_results)
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: the phases run its scripts and configs
 
@@ -257,10 +258,11 @@ def row_key(r: dict) -> tuple:
     return (r["drafter"], r["head"], r["target"], r["prompts"], r["sampling_name"], r["K"])
 
 
-def eval_plan(ks: list[int], prompt_sets: list[str], heads: list[str]) -> list:
+def eval_plan(ks: list[int], prompt_sets: list[str], heads: list[str], token_map_size: int = 0) -> list:
     """The evaluations in order of importance: K = 3 and 1 (the goals' K) before the others,
     MT-Bench before held-out ShareGPT, greedy before recommended sampling; n-gram and every head
-    at each; the FP8 item after the MT-Bench rows of the goals' K. Items: row dicts, or "fp8"."""
+    at each; the FP8 item, then the token-map item (with token_map_size), after the MT-Bench rows
+    of the goals' K. Items: row dicts, "fp8" or "token_map"."""
     first = [K for K in (3, 1) if K in ks]
     tiers = [first, [K for K in ks if K not in first]]
     drafters = [("ngram", None)] + [("mtp", n) for n in heads]
@@ -275,19 +277,22 @@ def eval_plan(ks: list[int], prompt_sets: list[str], heads: list[str]) -> list:
                               "K": K} for d, h in drafters]
             if tier is tiers[0] and pset == FP8_PROMPTS and heads and FP8_K in ks:
                 plan.append("fp8")
+            if tier is tiers[0] and pset == TOKEN_MAP_PROMPTS and heads and token_map_size:
+                plan.append("token_map")
     return plan
 
 
-def eval_row(item: dict, tlm, head, tok, prompts, samplings, a, eos, outputs: bool) -> dict:
+def eval_row(item: dict, tlm, head, tok, prompts, samplings, a, eos, outputs: bool, token_map: str | None = None) -> dict:
     """One evaluation as a results row: what ran (from the report), the acceptance figures, and
     at T = 0 the loop-aware numbers."""
     sp, source = samplings[item["sampling_name"]]
     settings = EvalSettings(steps=item["K"], sampling=sp, verify=VerifyRule(), batch_size=a.eval_batch_size,
-                            max_new_tokens=a.max_new_tokens, seed=a.seed, drafter=item["drafter"], thinking=False)
+                            max_new_tokens=a.max_new_tokens, seed=a.seed, drafter=item["drafter"], thinking=False,
+                            token_map=token_map)
     t0 = time.perf_counter()
     rep = evaluate(tlm, head, tok, prompts[item["prompts"]], settings, progress=False)
     row = {**item, "sampling": rep["sampling"], "sampling_source": source, "temperature": rep["temperature"],
-           "verify_rule": rep["verify_rule"], "thinking": rep["thinking"],
+           "verify_rule": rep["verify_rule"], "thinking": rep["thinking"], "token_map": rep["token_map"],
            **{k: rep[k] for k in ("acceptance_length", "acceptance_length_per_request_mean", "per_position_acceptance",
                                   "per_position_acceptance_unconditional", "per_position_mode_acceptance", "accept_histogram", "num_prompts",
                                   "generated_tokens", "verify_steps", "spec_tokens_per_s", "baseline_tokens_per_s",
@@ -349,6 +354,28 @@ def fp8_item(a, W: Path, best: str, tok, prompts, samplings, device, eos, write)
     del tlm
 
 
+def token_map_item(a, W: Path, best: str, tlm, head, tok, prompts, samplings, eos, write) -> None:
+    """The best head drafting among the --token-map-size most frequent assistant tokens of the
+    training conversations (regenerated: the target's own answers), as SGLang's
+    --speculative-token-map; the map is built once into W/token_map."""
+    T = W / "token_map"
+    path = T / f"hot-{a.token_map_size}.pt"
+    info_path = T / "info.json"
+    if not (info_path.exists() and json.loads(info_path.read_text())["size"] == a.token_map_size and path.exists()):
+        t0 = time.perf_counter()
+        src = W / "data" / "regen_train.jsonl"  # the training conversations, none of the held-out ones
+        ids, info = token_map_from_chats(str(src), tok, tlm.config.vocab_size, a.token_map_size, a.max_length,
+                                         enable_thinking=False)
+        save_token_map(ids, path)
+        info.update(head=best, path=str(path), seconds=time.perf_counter() - t0,
+                    command=f"python scripts/build_token_map.py --target {W / 'target'} --data {src} "
+                            f"--size {a.token_map_size} --max-length {a.max_length} --thinking off --out {path}")
+        atomic_write_text(info_path, json.dumps(info, indent=2))
+        print(f"eval: token map {path}: {a.token_map_size:,} ids, {info['coverage']:.2%} of the training answers' tokens")
+    for item in token_map_rows(best, a.token_map_size, a.ks):
+        write(eval_row(item, tlm, head, tok, prompts, samplings, a, eos, outputs=False, token_map=str(path)))
+
+
 def phase_eval(a, W: Path) -> None:
     E = W / "eval"
     E.mkdir(parents=True, exist_ok=True)
@@ -385,10 +412,11 @@ def phase_eval(a, W: Path) -> None:
                   + f" speedup {row['speedup'] or 0:.2f}x lossless {row['lossless']} ({row['seconds']:.1f}s, "
                   f"{time.perf_counter() - t0:.0f}s in all)", flush=True)
 
-        for item in eval_plan(a.ks, list(prompts), names):
-            if item == "fp8":  # the head that leads the greedy MT-Bench rows evaluated before it
+        for item in eval_plan(a.ks, list(prompts), names, a.token_map_size):
+            if item in ("fp8", "token_map"):  # the head that leads the greedy MT-Bench rows evaluated before it
                 best = best_head(list(done.values()), names, a.ks)
-                todo = fp8_rows(best) if best else []
+                todo = ([] if not best else fp8_rows(best) if item == "fp8"
+                        else token_map_rows(best, a.token_map_size, a.ks))
             else:
                 todo = [item]
             # a row of a head evaluated from other weights (a checkpoint, before training went on) is redone
@@ -400,12 +428,15 @@ def phase_eval(a, W: Path) -> None:
             tlm = target_lm()
             if item == "fp8":
                 fp8_item(a, W, best, tok, prompts, samplings, device, loaded["eos"], write)
+            elif item == "token_map":
+                token_map_item(a, W, best, tlm, loaded["heads"][best], tok, prompts, samplings, loaded["eos"], write)
             else:
                 head = loaded["heads"][item["head"]] if item["drafter"] == "mtp" else None
                 keep = item["drafter"] == "ngram" and item["K"] == min(a.ks)
                 write(eval_row(item, tlm, head, tok, prompts, samplings, a, loaded["eos"], outputs=keep))
     eos = loaded.get("eos") or eos_token_ids(load_target_config(str(W / "target")), tok)
-    planned = sum(len(fp8_rows("-")) if i == "fp8" else 1 for i in eval_plan(a.ks, list(prompts), names))
+    planned = sum(len(fp8_rows("-")) if i == "fp8" else len(token_map_rows("-", a.token_map_size, a.ks))
+                  if i == "token_map" else 1 for i in eval_plan(a.ks, list(prompts), names, a.token_map_size))
     this = read_jsonl(W / "commands.jsonl")[-1] if (W / "commands.jsonl").exists() else {}  # run_study's record
     running = {"phase": "eval", "seconds": round(time.perf_counter() - t0, 1), "command": this.get("command"),
                "time": this.get("time"), "until": "results written"}

@@ -17,6 +17,11 @@ Figures:
   step_ms[K][batch] x 1000 tokens per second, against plain decoding's measured tokens per second,
   with the step times of scripts/bench_decode.py's results file (a head: its speculative step,
   draft + verify + draft extend; n-gram: the verify step alone);
+- the top-1 ceiling (est.) at T > 0 (`top1_ceiling`): SGLang's target-only rule accepts a top-1
+  draft d with probability p(d), so no top-1 drafter beats the target's own top token; with m_j a
+  row's per_position_mode_acceptance, 1 + sum_k prod_{j<=k} m_j estimates the best acceptance
+  length any top-1 drafter reaches (m_j at j >= 2 is averaged over the steps whose earlier drafts
+  were accepted, so the product only approximates E[p1 p2 ...]); goal 3 carries it over n-gram;
 - goals with their thresholds and pass/fail (`goals`); the training curve as a PNG.
 """
 
@@ -36,7 +41,12 @@ from model.export import export_mtp
 PROMPT_ORDER = ("mt_bench", "sharegpt_heldout")
 SAMPLING_ORDER = ("greedy", "recommended")
 GOAL_K = 3  # the goals' K (SGLang's usual --speculative-num-steps)
+RATIO_GOAL = "best head / n-gram at the recommended sampling, K=3 (acceptance length ratio)"
+CEILING_NOTE = ("the best ratio any top-1 drafter could reach under SGLang's target-only rule on this target: an "
+                "estimate from the target's top-token probabilities at the positions the best head "
+                "reached (1 + sum_k prod_{j<=k} m_j), over n-gram's measured acceptance length")
 FP8_PROMPTS, FP8_SAMPLING, FP8_K = "mt_bench", "greedy", 3  # the FP8 item: one prompt set, one K
+TOKEN_MAP_PROMPTS = "mt_bench"  # the token-map item: one prompt set
 LOOP_KEYS = ("loop_share", "num_prompts_loop", "num_prompts_nonloop", "acceptance_length_nonloop",
              "acceptance_length_loop", "accept_histogram_nonloop")
 ASSUMPTIONS = [
@@ -54,6 +64,15 @@ def fp8_rows(best: str) -> list[dict]:
     block-FP8 copy of the target."""
     return [{"drafter": "mtp", "head": f"{best}@fp8-target/{kind}-draft", "target": "fp8", "prompts": FP8_PROMPTS,
              "sampling_name": FP8_SAMPLING, "K": FP8_K, "draft": kind} for kind in ("bf16", "fp8")]
+
+
+def token_map_rows(best: str, size: int, ks: list[int]) -> list[dict]:
+    """The token-map item's rows: the best head drafting among the `size` most frequent tokens of
+    its training data (SGLang's --speculative-token-map), greedy and recommended sampling, on the
+    bf16 target, at the goals' K's."""
+    return [{"drafter": "mtp", "head": f"{best}@token-map-{size}", "target": "bf16", "prompts": TOKEN_MAP_PROMPTS,
+             "sampling_name": s, "K": K, "token_map_size": size}
+            for s in SAMPLING_ORDER for K in (GOAL_K, 1) if K in ks]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -94,6 +113,20 @@ def loop_numbers(per_prompt: list[dict], eos_ids, greedy: bool) -> dict:
     return {"loop_share": sum(loops) / len(loops) if loops else None, "num_prompts_loop": sum(loops),
             "num_prompts_nonloop": len(loops) - sum(loops), "acceptance_length_nonloop": al_non,
             "acceptance_length_loop": al_loop, "accept_histogram_nonloop": hist_non}
+
+
+def top1_ceiling(r: dict) -> float | None:
+    """The top-1 ceiling (est.) of a T > 0 row (module docstring): 1 + sum_k prod_{j<=k} m_j over
+    its per_position_mode_acceptance m; None for greedy rows, rows without it and rows where a
+    position was never reached (its m_j is None: no estimate there)."""
+    mode = r.get("per_position_mode_acceptance")  # rows written before it existed lack it
+    if r.get("sampling_name") == "greedy" or not mode or None in mode:
+        return None
+    total, chain = 1.0, 1.0
+    for m in mode:
+        chain *= m
+        total += chain
+    return total
 
 
 def find_row(rows, drafter, head, prompts, sampling, K, target="bf16") -> dict | None:
@@ -182,8 +215,12 @@ def projection(rows: list[dict], best: str | None, step_times: str, batches: lis
     st = json.loads(path.read_text())
     pset = goal_prompts(rows)
     entries = []
-    for drafter, head in ([("mtp", best)] if best else []) + [("ngram", None)]:
-        table = st["spec_step_ms"] if drafter == "mtp" else st["verify_step_ms"]
+    mapped = sorted({r["token_map_size"] for r in rows if best and r.get("token_map_size")
+                     and r["head"] == f"{best}@token-map-{r['token_map_size']}"})
+    for drafter, head, size in (([("mtp", best, None)] if best else []) + [("ngram", None, None)]
+                                + [("mtp", f"{best}@token-map-{n}", n) for n in mapped]):
+        table = (st["verify_step_ms"] if drafter == "ngram" else st["spec_step_ms"] if size is None
+                 else st.get("spec_step_ms_token_map", {}).get(str(size), {}))  # files before token maps lack it
         for sampling in SAMPLING_ORDER:
             for key in sorted(table, key=lambda k: int(k.split("=")[1])):
                 K = int(key.split("=")[1])
@@ -195,7 +232,8 @@ def projection(rows: list[dict], best: str | None, step_times: str, batches: lis
                     if step_ms is None or decode is None:
                         continue
                     tok_s = row["acceptance_length"] * B / step_ms * 1000
-                    entries.append({"drafter": drafter, "head": head, "prompts": pset, "sampling_name": sampling,
+                    entries.append({"drafter": drafter, "head": head, "token_map": size, "prompts": pset,
+                                    "sampling_name": sampling,
                                     "K": K, "batch": B, "acceptance_length": row["acceptance_length"],
                                     "step_ms": step_ms, "step": "speculative" if drafter == "mtp" else "verify",
                                     "decode_tok_s": decode, "projected_tok_s": tok_s, "projected_speedup": tok_s / decode})
@@ -212,6 +250,16 @@ def projection(rows: list[dict], best: str | None, step_times: str, batches: lis
             "entries": entries}
 
 
+def ceiling_ratio(rows, best) -> float | None:
+    """Goal 3's top-1 ceiling (est.): the best head's top1_ceiling over n-gram's acceptance length,
+    both at the recommended sampling, K = 3, on the goals' prompts; None without either row."""
+    pset = goal_prompts(rows)
+    head = find_row(rows, "mtp", best, pset, "recommended", GOAL_K)
+    ngram = find_row(rows, "ngram", None, pset, "recommended", GOAL_K)
+    ceiling = top1_ceiling(head) if head else None
+    return ceiling / ngram["acceptance_length"] if ceiling and ngram and ngram["acceptance_length"] else None
+
+
 def goal(name: str, value, op: str, threshold: float, source: str) -> dict:
     ok = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
     return {"goal": name, "value": value, "op": op, "threshold": threshold, "pass": ok, "source": source}
@@ -226,18 +274,22 @@ def goals(rows, best, proj, demo) -> list[dict]:
 
     k3, k1 = al("mtp", best, "greedy", 3), al("mtp", best, "greedy", 1)
     rec_head, rec_ngram = al("mtp", best, "recommended", 3), al("ngram", None, "recommended", 3)
-    speed = next((e["projected_speedup"] for e in proj["entries"] if (e["drafter"], e["sampling_name"], e["K"], e["batch"])
-                  == ("mtp", "greedy", 3, 1)), None)
+    speed = next((e["projected_speedup"] for e in proj["entries"] if (e["drafter"], e.get("token_map"), e["sampling_name"],
+                                                                        e["K"], e["batch"]) == ("mtp", None, "greedy", 3, 1)), None)
+    mapped = [e for e in proj["entries"] if e.get("token_map") and (e["sampling_name"], e["K"], e["batch"]) == ("greedy", 3, 1)]
     loop_row = next((r for r in rows if r["target"] == "bf16" and r["prompts"] == pset and r["sampling_name"] == "greedy"
                      and r["loop_share"] is not None), None)
     where = f"{pset}, best head {best}"
     return [
         goal("best head, greedy, K=3: acceptance length", k3, ">=", 3.0, where),
         goal("best head, greedy, K=1: acceptance length", k1, ">=", 1.85, where),
-        goal("best head / n-gram at the recommended sampling, K=3 (acceptance length ratio)",
-             rec_head / rec_ngram if rec_head and rec_ngram else None, ">=", 1.5, where),
+        {**goal(RATIO_GOAL, rec_head / rec_ngram if rec_head and rec_ngram else None, ">=", 1.5, where),
+         "ceiling": ceiling_ratio(rows, best), "ceiling_note": CEILING_NOTE},
         goal("projected speed-up at batch 1, K=3 (greedy acceptance)", speed, ">=", 1.8,
              "projection (step times: " + str(proj.get("step_times", {}).get("file")) + ")"),
+        *[goal(f"projected speed-up at batch 1, K=3 (greedy acceptance), drafting among a {e['token_map']:,}-id token map",
+               e["projected_speedup"], ">=", 1.8, f"projection, {e['head']} (SGLang's --speculative-token-map)")
+          for e in mapped],
         goal("demo target: share of greedy answers that end in a loop", loop_row["loop_share"] if loop_row else None,
              "<=", 0.2, f"this study's greedy {pset} outputs, {loop_row['num_prompts'] if loop_row else '-'} prompts x "
                         f"{loop_row['max_new_tokens'] if loop_row else '-'} new tokens"),
@@ -328,6 +380,9 @@ def write_results(a, W: Path, rows: list[dict], eos, planned_rows: int, sampling
         "best_export": str(W / "best_export") if best else None,
         "simulated_vs_measured": agreement,
         "fp8": fp8,
+        # the token-map item: the map the best head drafted among (built from its training data)
+        "token_map": (json.loads((W / "token_map" / "info.json").read_text())
+                      if (W / "token_map" / "info.json").exists() and any(r.get("token_map_size") for r in rows) else None),
         "projection": proj,
         "curve": {"png": str(png) if any(h["curve"] for h in heads.values()) else None,
                   "points": {n: h["curve"] for n, h in heads.items()}},
@@ -363,9 +418,12 @@ def sampling_text(r: dict) -> str:
 
 
 def mode_text(r: dict) -> str:
-    """" (top token 0.70 / 0.74)": the row's per_position_mode_acceptance (T > 0), or ""."""
+    """" (top token 0.70 / 0.74; ceiling ~2.22)": the row's per_position_mode_acceptance and its
+    top1_ceiling (T > 0), or ""."""
     mode = r.get("per_position_mode_acceptance")  # rows written before it existed lack it
-    return f" (top token {' / '.join(f(x) for x in mode)})" if mode else ""
+    ceiling = top1_ceiling(r)
+    return (f" (top token {' / '.join(f(x) for x in mode)}" + (f"; ceiling ~{ceiling:.2f}" if ceiling else "") + ")"
+            if mode else "")
 
 
 def drafter_text(r: dict, heads: dict) -> str:
@@ -412,7 +470,8 @@ def markdown(res: dict) -> str:
         L.append(f"- plot: `{res['curve']['png']}`")
     L += ["", "Per position: the share of drafts accepted given the ones before them; at T > 0, in brackets, how "
           "often SGLang's rule would accept the target's own top token at the same positions (no top-1 drafter "
-          "does better on those contexts).",
+          "does better on those contexts), and the top-1 ceiling (est.) of the acceptance length, 1 + sum_k "
+          "prod_{j<=k} of those shares: about the best any top-1 drafter reaches there.",
           "", "| prompts | sampling | K | drafter | accept len | non-looping: AL (prompts) | per position | speedup | lossless |",
           "|---|---|---:|---|---:|---:|---|---:|---|"]
     for r in res["rows"]:
@@ -433,6 +492,11 @@ def markdown(res: dict) -> str:
         for kind in ("bf16", "fp8"):
             L.append(f"| fp8 | {kind} export | {f(x['acceptance_length'][f'fp8_target_{kind}_draft'], '{:.3f}')} | "
                      f"{f(x['relative_change'][f'fp8_target_{kind}_draft'], '{:+.1%}')} |")
+    if res.get("token_map"):  # older files lack the key
+        x = res["token_map"]
+        L += ["", f"Token map: rows `{x['head']}@token-map-{x['size']}` drafted among the {x['size']:,} most frequent "
+                  f"assistant tokens of the head's training data ({x['coverage']:.2%} of them; SGLang's "
+                  f"--speculative-token-map, `{x['path']}`)."]
     L += projection_table(res["projection"])
     L += ["", "| head | K | simulated (training log, held-out) | measured (evaluator, held-out greedy) | diff | within 10% "
           "| replayed (same hits, walked as decoding walks) | measured vs replayed |",
@@ -442,9 +506,16 @@ def markdown(res: dict) -> str:
                  f"{f(g['relative_difference'], '{:+.1%}')} | {g['within_10pct']} | {f(g.get('replayed'), '{:.3f}')} | "
                  f"{f(g.get('replayed_relative_difference'), '{:+.1%}')} |")
     L += ["", "| goal | value | threshold | met |", "|---|---:|---:|---|"]
+    notes = []
     for g in res["goals"]:
-        L.append(f"| {g['goal']} ({g['source']}) | {f(g['value'], '{:.3f}')} | {g['op']} {g['threshold']:g} | "
-                 f"{'-' if g['pass'] is None else ('yes' if g['pass'] else 'no')} |")
+        ceiling = (g["ceiling"] if "ceiling" in g  # files written before goal 3 carried it: from the rows
+                   else ceiling_ratio(res["rows"], res.get("best_head")) if g["goal"] == RATIO_GOAL else None)
+        if ceiling is not None:
+            notes.append(f"- {g['goal']}: top-1 ceiling (est.) {ceiling:.3f}, {g.get('ceiling_note', CEILING_NOTE)}.")
+        L.append(f"| {g['goal']} ({g['source']}) | {f(g['value'], '{:.3f}')}"
+                 + (f" (top-1 ceiling (est.) {ceiling:.3f})" if ceiling is not None else "")
+                 + f" | {g['op']} {g['threshold']:g} | {'-' if g['pass'] is None else ('yes' if g['pass'] else 'no')} |")
+    L += ([""] + notes) if notes else []
     return "\n".join(L) + "\n"
 
 

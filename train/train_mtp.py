@@ -343,7 +343,7 @@ def post_training(cfg, accelerator, target, tokenizer, final: Path, out_dir: Pat
             raise ValueError(f"{e} (the trained weights are in {final}: export them with scripts/export_mtp.py)") from None
         export_mtp(final, cfg.target.path, out, merge=cfg.export.merge, dtype=cfg.export.dtype,
                    quantize=cfg.export.quantize, force=replace, acceptance_length=acceptance,
-                   train_config=to_dict(cfg), run_id=run_id)
+                   train_config=to_dict(cfg), run_id=run_id, token_map=cfg.eval.token_map)
         print0(f"exported mtp.* weights to {out}")
 
 
