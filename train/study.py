@@ -367,7 +367,7 @@ def token_map_item(a, W: Path, best: str, tlm, head, tok, prompts, samplings, eo
         ids, info = token_map_from_chats(str(src), tok, tlm.config.vocab_size, a.token_map_size, a.max_length,
                                          enable_thinking=False)
         save_token_map(ids, path)
-        info.update(head=best, path=str(path), seconds=time.perf_counter() - t0,
+        info.update(path=str(path), seconds=time.perf_counter() - t0,
                     command=f"python scripts/build_token_map.py --target {W / 'target'} --data {src} "
                             f"--size {a.token_map_size} --max-length {a.max_length} --thinking off --out {path}")
         atomic_write_text(info_path, json.dumps(info, indent=2))

@@ -75,6 +75,15 @@ def token_map_rows(best: str, size: int, ks: list[int]) -> list[dict]:
             for s in SAMPLING_ORDER for K in (GOAL_K, 1) if K in ks]
 
 
+def token_map_results(W: Path, rows: list[dict]) -> dict | None:
+    """The token-map item's map (W/token_map/info.json: size, coverage, how it was built) and the
+    head its rows drafted with; None without such rows."""
+    mapped = [r for r in rows if r.get("token_map_size")]
+    if not mapped or not (W / "token_map" / "info.json").exists():
+        return None
+    return {**json.loads((W / "token_map" / "info.json").read_text()), "head": mapped[0]["head"].split("@")[0]}
+
+
 def read_jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -381,8 +390,7 @@ def write_results(a, W: Path, rows: list[dict], eos, planned_rows: int, sampling
         "simulated_vs_measured": agreement,
         "fp8": fp8,
         # the token-map item: the map the best head drafted among (built from its training data)
-        "token_map": (json.loads((W / "token_map" / "info.json").read_text())
-                      if (W / "token_map" / "info.json").exists() and any(r.get("token_map_size") for r in rows) else None),
+        "token_map": token_map_results(W, rows),
         "projection": proj,
         "curve": {"png": str(png) if any(h["curve"] for h in heads.values()) else None,
                   "points": {n: h["curve"] for n, h in heads.items()}},
