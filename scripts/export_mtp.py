@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"the target is {info['target_quantization']}; this draft is {info['dtype']} with no quantization_config, "
               "so SGLang must not quantize it: the command passes --speculative-draft-model-quantization unquant")
     if info.get("token_map"):
-        print(f"token map: {info['token_map']['size']:,} draft token ids in {out / info['token_map']['path']}")
+        print(f"token map: {info['token_map']['size']:,} draft token ids in {out / info['token_map']['path']}; "
+              "SGLang takes it with --tp 1 only (sgl-project/sglang#4328)")
     print("serve with SGLang:")
     print(f"  {info['sglang_command']}")
 
