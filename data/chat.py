@@ -330,9 +330,9 @@ def assistant_token_counts(ds: datasets.Dataset, vocab_size: int) -> torch.Tenso
     build_chat_dataset() dataset: what the model writes (scripts/build_token_map.py)."""
     counts = torch.zeros(vocab_size, dtype=torch.long)
     for batch in ds.iter(batch_size=1024):
-        for ids, mask in zip(batch["input_ids"], batch["loss_mask"]):
-            ids_t = torch.tensor(ids, dtype=torch.long)[torch.tensor(mask, dtype=torch.bool)]
-            counts += torch.bincount(ids_t, minlength=vocab_size)[:vocab_size]
+        ids = torch.tensor([t for row in batch["input_ids"] for t in row], dtype=torch.long)
+        mask = torch.tensor([m for row in batch["loss_mask"] for m in row], dtype=torch.bool)
+        counts += torch.bincount(ids[mask], minlength=vocab_size)[:vocab_size]
     return counts
 
 

@@ -36,6 +36,15 @@ def test_frequent_tokens_orders_by_count_then_id_and_fills_with_unseen_ids():
             frequent_tokens(counts, bad)
 
 
+def test_assistant_token_counts_count_the_loss_mask_tokens_only():
+    import datasets
+
+    from data.chat import assistant_token_counts
+
+    ds = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3, 3], [3, 4, 0]], "loss_mask": [[0, 1, 1, 0], [1, 1, 0]]})
+    assert assistant_token_counts(ds, vocab_size=6).tolist() == [0, 0, 1, 2, 1, 0]
+
+
 def test_load_token_map_reads_tensors_and_lists_and_refuses_bad_maps(tmp_path):
     save_token_map(torch.tensor([7, 3, 5], dtype=torch.int32), tmp_path / "ok.pt")
     ids = load_token_map(tmp_path / "ok.pt", vocab_size=10)
