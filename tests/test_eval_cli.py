@@ -87,6 +87,8 @@ def test_cli_writes_full_report(files):
     ("empty_prompts", "no usable prompts|empty|no rows"),
     ("mismatched_head", "head|hidden|shape"),
     ("max_len", "prompt 1 .*--max-len"),
+    ("token_map_missing", "--token-map .*does not exist.*build_token_map"),
+    ("token_map_ngram", "--token-map limits an MTP head"),
 ])
 def test_cli_bad_input(files, case, match):
     args = {
@@ -96,6 +98,8 @@ def test_cli_bad_input(files, case, match):
         "empty_prompts": cli(files) + ["--prompts", str(files / "empty.jsonl")],
         "mismatched_head": cli(files, mtp=files / "bad-head"),
         "max_len": cli(files, "--max-len", "12"),
+        "token_map_missing": cli(files, "--token-map", str(files / "nope.pt")),
+        "token_map_ngram": cli(files, "--drafter", "ngram", "--token-map", str(files / "prompts.jsonl")),
     }[case]
     with pytest.raises(SystemExit) as exc:
         eval_acceptance.main(args)
@@ -121,6 +125,13 @@ def test_bench_decode_cpu_smoke(tmp_path):
     # the speculative step with a 32,768-id draft vocabulary (the default --token-map-sizes)
     assert set(res["spec_step_ms_token_map"]["32768"]) == {"K=1", "K=2"}
     assert set(res["spec_step_ms_token_map"]["32768"]["K=2"]) == {"1", "2"} and "token map 32,768" in res["markdown"]
+
+
+@pytest.mark.parametrize("sizes", ["abc", "0", "999999"])
+def test_bench_decode_refuses_bad_token_map_sizes(sizes):
+    bench_decode = load_script("bench_decode")
+    with pytest.raises(SystemExit, match="--token-map-sizes"):
+        bench_decode.main(["--config", "tiny", "--device", "cpu", "--token-map-sizes", sizes])
 
 
 def test_profile_decode_cpu_smoke(tmp_path):

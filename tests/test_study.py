@@ -370,6 +370,10 @@ def test_study_refuses_a_missing_mt_bench_file(tmp_path, capsys):
         with pytest.raises(SystemExit):
             acceptance_study.parse_args(["--phase", "data", flag, "0"])
         assert f"{flag} must be >= 1" in capsys.readouterr().err
+    assert a.token_map_size == 32768 and acceptance_study.parse_args(["--phase", "eval", "--token-map-size", "0"])
+    with pytest.raises(SystemExit):
+        acceptance_study.parse_args(["--phase", "eval", "--token-map-size", "-1"])
+    assert "--token-map-size must be >= 0" in capsys.readouterr().err
 
 
 def test_train_overrides_reach_every_head_but_not_the_studys_own_keys(tmp_path):

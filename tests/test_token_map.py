@@ -146,3 +146,6 @@ def test_build_token_map_script_counts_assistant_tokens(tiny_target_dir, chat_js
     assert build.main(["--target", str(tiny_target_dir), "--data", str(chat_jsonl), "--size", "200000",
                        "--out", str(tmp_path / "x.pt")]) == 1
     assert "vocabulary" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
+    with pytest.raises(SystemExit):  # argparse: a map of no ids
+        build.main(["--target", str(tiny_target_dir), "--data", str(chat_jsonl), "--size", "0", "--out", str(out)])
+    assert "--size must be >= 1" in capsys.readouterr().err
