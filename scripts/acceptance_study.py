@@ -2,6 +2,7 @@
 
     python scripts/acceptance_study.py --phase target --data artifacts/study_inputs/sharegpt.jsonl.gz
     python scripts/acceptance_study.py --phase data        # every training chat the target did not hold out
+    python scripts/acceptance_study.py --phase data --sampled-passes 1   # + one sampled answer each (the *-mix heads)
     python scripts/acceptance_study.py --phase train --train-tokens 25000000 --train-budget-s 560
     python scripts/acceptance_study.py --phase eval --eval-budget-s 300
     python scripts/acceptance_study.py --phase all --smoke --work /tmp/study     # CPU, minutes
@@ -48,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--num-train", type=int, default=None,
                    help="training conversations to regenerate (default: all of the target's training chats; "
                         "25M tokens over 8,000 short ones is 8-9 epochs, and the heads overfit)")
+    p.add_argument("--sampled-passes", type=int, default=0, metavar="N",
+                   help="also regenerate the training conversations N times at the target's recommended sampling "
+                        "(seeds --seed + 1..N): the 'mix' data of the *-mix heads (default 0: greedy answers only)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="regeneration and evaluation")
     p.add_argument("--max-length", type=int, default=1024, help="tokens per conversation (regeneration and training)")
     p.add_argument("--regen-batch-size", type=int, default=1024)
@@ -82,6 +86,11 @@ def parse_args(argv=None):
                  "curve_points", "heldout_prompts", "eval_batch_size"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if a.sampled_passes < 0:
+        p.error("--sampled-passes must be >= 0")
+    mix = [h for h in a.heads if HEADS[h][3] == "mix"]
+    if mix and a.phase == "all" and not a.sampled_passes:
+        p.error(f"--heads {' '.join(mix)} train on the 'mix' data: add --sampled-passes 1 (or more)")
     if a.token_map_size < 0:
         p.error("--token-map-size must be >= 0 (0 skips the token-map rows)")
     if min(a.ks) < 1 or min(a.fp8_block) < 1 or min(a.projection_batches) < 1:

@@ -109,7 +109,8 @@ def bench_ours(model, head, cfg, B: int, ks: list[int], a, kernels: str, experts
     for K in ks:  # the plain engine's cache holds the prompt; verify K+1 tokens after it
         toks = torch.randint(0, cfg.vocab_size, (B, K + 1), generator=gen).to(device)
         pos = (a.ctx + torch.arange(K + 1, device=device)).expand(B, K + 1)
-        fn = lambda: verify_drafts(toks[:, 1:], None, tlm.logits(tlm.forward(toks, pos)), SamplingParams())  # noqa: E731
+        def fn(lm=tlm, toks=toks, pos=pos):  # one verify step: the target forward over K+1 tokens and the rule
+            return verify_drafts(toks[:, 1:], None, lm.logits(lm.forward(toks, pos)), SamplingParams())
         graph = capture_graph(fn) if device.type == "cuda" else None
         out["verify_ms"][K] = time_steps(graph.replay if graph else fn, a.iters, device)
         del graph

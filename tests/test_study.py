@@ -173,6 +173,29 @@ def test_train_plan_turns_tokens_into_steps(tmp_path):
     assert train_plan(a, tmp_path, "k3-ce-last-orig")["mean_length"] == 650.0
 
 
+def test_a_mix_head_needs_the_sampled_passes(tmp_path, capsys):
+    """The *-mix heads train on greedy + sampled answers: asked for without them, the study says
+    which flag makes them, before anything runs (phase all) or before training starts."""
+    from train.study import phase_train
+
+    script = load_script("acceptance_study")
+    with pytest.raises(SystemExit):
+        script.parse_args(["--phase", "all", "--heads", "k3-ce-random-mix"])
+    assert "add --sampled-passes 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.parse_args(["--phase", "data", "--sampled-passes", "-1"])
+    assert "--sampled-passes must be >= 0" in capsys.readouterr().err
+    a = script.parse_args(["--phase", "all", "--heads", "k3-ce-random-mix", "--sampled-passes", "1", "--work", str(tmp_path)])
+    assert a.sampled_passes == 1
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "data.json").write_text(json.dumps({"holdout": 5, "mean_length": {"regen": 700.0, "orig": 650.0}}))
+    with pytest.raises(SystemExit, match="run --phase data --sampled-passes 1"):
+        phase_train(a, tmp_path)
+    assert not list((tmp_path / "heads").iterdir())  # no head started
+    (tmp_path / "data" / "data.json").write_text(json.dumps({"mean_length": {"regen": 700.0, "mix": 520.0}}))
+    assert train_plan(a, tmp_path, "k3-ce-random-mix")["mean_length"] == 520.0
+
+
 def test_a_head_stopped_by_the_budget_reports_its_checkpoint(tmp_path):
     """head_info reads what ran: the run's config.yaml, the newest checkpoint's state (no final/),
     the plan file and the held-out records of metrics.jsonl."""
@@ -203,7 +226,7 @@ def test_a_head_stopped_by_the_budget_reports_its_checkpoint(tmp_path):
 def test_acceptance_study_smoke(tmp_path):
     work = tmp_path / "study"
     cmd = [sys.executable, "scripts/acceptance_study.py", "--phase", "all", "--smoke", "--work", str(work),
-           "--mt-bench", str(MT_BENCH)]
+           "--mt-bench", str(MT_BENCH), "--sampled-passes", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for phase in ("target", "data", "train", "eval"):
@@ -243,6 +266,16 @@ def test_acceptance_study_smoke(tmp_path):
     # data: the mean training-row length that turned --train-tokens into steps
     data = res["settings"]["data"]
     assert data["mean_length"]["regen"] > 0 and data["holdout"] >= 1 and data["regeneration"]["thinking"] is False
+    # the mix data: the held-out rows first, the greedy answers, then one sampled pass at the recommended sampling
+    assert data["sampled_passes"] == 1 and data["train_sampled"] >= 1
+    how = data["sampled_regeneration"]["settings"][0]
+    assert how["sampling"] == rec["params"] and how["seed"] == 1 and how["data"] == data["regeneration"]["data"]
+    D = work / "data"
+    mix = [json.loads(line) for line in (D / "train_mix.jsonl").read_text().splitlines()]
+    greedy = [json.loads(line) for line in (D / "train_regen.jsonl").read_text().splitlines()]
+    assert mix[: len(greedy)] == greedy and len(mix) == len(greedy) + data["train_sampled"]
+    assert mix[len(greedy):] != greedy[data["holdout"]:][: len(mix) - len(greedy)]  # sampled, not greedy again
+    assert data["training_rows"]["mix"] == data["training_rows"]["regen"] + data["train_sampled"]
     for name in heads:
         h = res["heads"][name]
         assert h["finished"] and h["init"] == "random" and h["data"] == "regen" and h["k"] == int(name[1])
@@ -305,6 +338,7 @@ def test_acceptance_study_smoke(tmp_path):
     assert res["commands"] and "--smoke" in res["commands"][0]["command"]
     md = (work / "acceptance_study.md").read_text()
     assert md == markdown(res) and "non-looping" in md and "Projection" in md and "| goal |" in md
+    assert f"`mix` adds {data['train_sampled']:,} sampled answers (1 pass at T 0.7" in md
 
     # a rerun of a finished phase does nothing and keeps the results
     n_rows = len((work / "eval" / "rows.jsonl").read_text().splitlines())
@@ -316,6 +350,15 @@ def test_acceptance_study_smoke(tmp_path):
         lines = again.stdout.splitlines()
         assert not any(line.startswith(("+ ", "eval: ngram", "eval: mtp")) for line in lines)  # nothing ran
     assert len((work / "eval" / "rows.jsonl").read_text().splitlines()) == n_rows
+    # more sampled passes: only the missing one runs; the greedy and first sampled answers stay
+    kept = {n: (D / n).stat().st_mtime_ns for n in ("regen_train.jsonl", "regen_train_sampled1.jsonl")}
+    more = subprocess.run([sys.executable, "scripts/acceptance_study.py", "--phase", "data", "--smoke", "--work", str(work),
+                           "--sampled-passes", "2"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert more.returncode == 0 and "has 1 sampled passes; adding 1" in more.stdout, more.stdout[-2000:] + more.stderr[-2000:]
+    assert [line for line in more.stdout.splitlines() if line.startswith("+ ")] == [
+        next(line for line in more.stdout.splitlines() if "regen_train_sampled2.jsonl" in line and line.startswith("+ "))]
+    assert kept == {n: (D / n).stat().st_mtime_ns for n in kept} and "--seed 2" in more.stdout
+    assert json.loads((D / "data.json").read_text())["sampled_passes"] == 2
     assert json.loads((work / "acceptance_study.json").read_text())["rows"] == res["rows"]
     again = subprocess.run([sys.executable, "scripts/acceptance_study.py", "--phase", "markdown", "--results",
                             str(work / "acceptance_study.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)

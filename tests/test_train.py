@@ -302,7 +302,7 @@ def test_batches_read_ahead_never_make_a_resume_skip_or_repeat_one():
         it = stream(state)
         ahead = next(it)
         for _ in range(consumed):  # consume one batch while the next is already read (as the prefetcher does)
-            (batch, (state.epoch, state.batch_in_epoch)), ahead = ahead, next(it)
+            (_, (state.epoch, state.batch_in_epoch)), ahead = ahead, next(it)
         resumed = [ids(b) for b, _ in itertools.islice(stream(state), 4)]
         assert resumed == reference[consumed:consumed + 4], consumed
 

@@ -16,6 +16,9 @@ Phases:
           regenerated held-out conversations first, so every head's `data.holdout` rows are the
           same. The mean tokenized length of the training rows (rendered as training renders
           them) goes into W/data/data.json: the train phase turns --train-tokens into steps.
+          --sampled-passes N regenerates the training conversations N more times at the target's
+          recommended sampling (seeds --seed + 1..N): the "mix" data (greedy + sampled answers),
+          which heads named *-mix train on. A rerun with more passes adds only the missing ones.
   train   train/train_mtp.py under `accelerate launch --config_file configs/accelerate/zero2.yaml`,
           one process per head, all heads at once on the one GPU; train.max_steps =
           ceil(--train-tokens / (--train-batch-size x mean length)), train.heldout_every so the
@@ -75,6 +78,9 @@ HEADS = {
     # greedy answers' top-1 labels say nothing about the rest of the distribution
     "k3-cekl-random-regen": (3, "ce+kl", "random", "regen"),
     "k3-ce-last-orig": (3, "ce", "last_layer", "orig"),
+    # greedy answers plus --sampled-passes sampled ones: more distinct text for the same tokens
+    "k1-ce-random-mix": (1, "ce", "random", "mix"),
+    "k3-ce-random-mix": (3, "ce", "random", "mix"),
 }
 DEFAULT_HEADS = ["k1-ce-random-regen", "k3-ce-random-regen"]
 # Qwen3's non-thinking recommendation, used when the target ships no sampling in generation_config.json
@@ -115,42 +121,62 @@ def mean_train_length(path: Path, tokenizer, max_length: int, holdout: int) -> t
 
 def phase_data(a, W: Path) -> None:
     D = W / "data"
+    passes = a.sampled_passes
     if (D / "data.json").exists() and not a.force:
-        print(f"data: {D / 'data.json'} exists (--force to redo)")
-        return
+        have = json.loads((D / "data.json").read_text()).get("sampled_passes", 0)
+        if have >= passes:
+            print(f"data: {D / 'data.json'} exists (--force to redo)")
+            return
+        print(f"data: {D / 'data.json'} has {have} sampled passes; adding {passes - have}")
     D.mkdir(parents=True, exist_ok=True)
     info = json.loads((W / "target" / "demo_target.json").read_text())
     raws, _, _ = load_rows(info["data"]["source"], info["data"].get("limit"))  # the target's own source and split
     train_idx, held_idx = split_rows(len(raws), info["data"]["heldout_chats"])
     write_jsonl([raws[i] for i in train_idx[: a.num_train]], D / "orig_train_all.jsonl")
     write_jsonl([raws[i] for i in held_idx], D / "orig_heldout.jsonl")
-    common = ["--target", str(W / "target"), "--max-new-tokens", str(a.max_new_tokens), "--temperature", "0",
-              "--thinking", "off",
+    common = ["--target", str(W / "target"), "--max-new-tokens", str(a.max_new_tokens), "--thinking", "off",
               "--batch-size", str(a.regen_batch_size), "--max-len", str(a.max_length), "--max-turns", "3"]
-    for name in ("heldout", "train"):
+    rec = study_samplings(W / "target")["recommended"][0] if passes else None
+    sampled_args = ["--temperature", str(rec.temperature), "--top-p", str(rec.top_p), "--top-k", str(rec.top_k),
+                    "--min-p", str(rec.min_p)] if rec else []
+    jobs = [("heldout", "orig_heldout.jsonl", ["--temperature", "0"]), ("train", "orig_train_all.jsonl", ["--temperature", "0"])]
+    jobs += [(f"train_sampled{i}", "orig_train_all.jsonl", [*sampled_args, "--seed", str(a.seed + i)])
+             for i in range(1, passes + 1)]
+    for name, src, how in jobs:
         out = D / f"regen_{name}.jsonl"
         if out.exists() and not a.force:
             continue
-        src = D / ("orig_heldout.jsonl" if name == "heldout" else "orig_train_all.jsonl")
-        run([sys.executable, "scripts/regenerate_data.py", "--data", str(src), "--out", str(out),
-             "--report", str(D / f"regen_{name}_report.json"), *common, *(["--force"] if a.force else [])])
+        run([sys.executable, "scripts/regenerate_data.py", "--data", str(D / src), "--out", str(out),
+             "--report", str(D / f"regen_{name}_report.json"), *common, *how, *(["--force"] if a.force else [])])
     held = read_jsonl(D / "regen_heldout.jsonl")
     regen = read_jsonl(D / "regen_train.jsonl")
+    sampled = [r for i in range(1, passes + 1) for r in read_jsonl(D / f"regen_train_sampled{i}.jsonl")]
     # original data: the same conversations that survived regeneration, original assistant text
     keep = {r.get("id") for r in regen}
     orig = [r for r in read_jsonl(D / "orig_train_all.jsonl") if r.get("id") in keep]
     write_jsonl(held + regen, D / "train_regen.jsonl")
     write_jsonl(held + orig, D / "train_orig.jsonl")
+    kinds = ["regen", "orig"]
+    if passes:  # the same held-out rows first, so data.holdout stays the same for every head
+        write_jsonl(held + regen + sampled, D / "train_mix.jsonl")
+        kinds.append("mix")
     tok = load_tokenizer(str(W / "target"))
-    lengths = {name: mean_train_length(D / f"train_{name}.jsonl", tok, a.max_length, len(held)) for name in ("regen", "orig")}
+    lengths = {name: mean_train_length(D / f"train_{name}.jsonl", tok, a.max_length, len(held)) for name in kinds}
     report = json.loads((D / "regen_train_report.json").read_text())
     data = {"holdout": len(held), "train_regen": len(regen), "train_orig": len(orig), "num_train_requested": a.num_train,
             "max_length": a.max_length, "thinking": False,
             "mean_length": {k: v[0] for k, v in lengths.items()}, "training_rows": {k: v[1] for k, v in lengths.items()},
-            "regeneration": report["settings"], "regeneration_seconds": report["seconds"]}
+            "regeneration": report["settings"], "regeneration_seconds": report["seconds"],
+            "sampled_passes": passes, "train_sampled": len(sampled)}
+    if passes:
+        reports = [json.loads((D / f"regen_train_sampled{i}_report.json").read_text()) for i in range(1, passes + 1)]
+        data["sampled_regeneration"] = {"settings": [r["settings"] for r in reports],
+                                        "seconds": [r["seconds"] for r in reports]}
     atomic_write_text(D / "data.json", json.dumps(data, indent=2))  # last: its presence means the phase is done
     print(f"data: held-out {len(held)} regenerated conversations; training {len(regen)} regenerated / {len(orig)} "
-          f"original; mean training row {data['mean_length']['regen']:.0f} / {data['mean_length']['orig']:.0f} tokens")
+          f"original; mean training row {data['mean_length']['regen']:.0f} / {data['mean_length']['orig']:.0f} tokens"
+          + (f"; mix: {len(regen)} greedy + {len(sampled)} sampled ({passes} pass{'es' if passes > 1 else ''}), mean row "
+             f"{data['mean_length']['mix']:.0f} tokens" if passes else ""))
 
 
 # ----------------------------------------------------------------------------- train
@@ -207,6 +233,11 @@ def phase_train(a, W: Path) -> None:
     if not pending:
         print(f"train: all {len(a.heads)} heads done (final/ exists); nothing to train")
         return
+    kinds = json.loads((W / "data" / "data.json").read_text())["mean_length"]
+    missing = [n for n in pending if HEADS[n][3] not in kinds]
+    if missing:
+        raise SystemExit(f"acceptance_study: {', '.join(missing)} train on the '{HEADS[missing[0]][3]}' data, which the "
+                         "data phase did not make: run --phase data --sampled-passes 1 (or more) first")
     procs = {}
     for i, name in enumerate(pending):
         plan = train_plan(a, W, name)

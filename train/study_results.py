@@ -470,6 +470,18 @@ def markdown(res: dict) -> str:
         L.append(f"| {n} | {h['k']} | {h['init']} | {h['data']} | {h['steps']}/{h['max_steps']} | "
                  f"{tokens(h['planned_tokens'])} | {tokens(h['tokens_seen'])} | "
                  f"{f(h['heldout_simulated_acceptance_length'], '{:.3f}')} |")
+    sd = res.get("settings", {}).get("data") or {}
+    if sd.get("mean_length"):  # how much distinct text each data kind holds (one pass over its training rows)
+        per_pass = {k: sd["training_rows"][k] * v for k, v in sd["mean_length"].items()}
+        line = (f"Training data: {sd['train_regen']:,} conversations answered greedily by the target, "
+                f"{tokens(per_pass['regen'])} tokens a pass (mean row {sd['mean_length']['regen']:.0f})")
+        if sd.get("sampled_passes"):
+            how = sd["sampled_regeneration"]["settings"][0]["sampling"]
+            passes = sd["sampled_passes"]
+            line += (f"; `mix` adds {sd['train_sampled']:,} sampled answers ({passes} pass{'es' if passes > 1 else ''} at T "
+                     f"{how.get('temperature')}, top_p {how.get('top_p')}, top_k {how.get('top_k')}), "
+                     f"{tokens(per_pass['mix'])} tokens a pass")
+        L += ["", line + "."]
     L += ["", "Training curve (held-out simulated acceptance length at tokens seen):", ""]
     for n, h in heads.items():
         pts = ", ".join(f"{tokens(p['tokens_seen'])}: {p['heldout_simulated_acceptance_length']:.3f}" for p in h["curve"])
