@@ -242,6 +242,29 @@ def test_engine_on_triton_kernels_matches_torch_path_and_is_lossless(tiny):
 
 
 @needs_triton
+def test_token_map_drafts_on_triton_kernels_as_on_the_torch_path(tiny):
+    """A draft vocabulary (the map's lm_head rows through the linear kernel): the same drafts and
+    accept counts as the torch path, and the output stays plain decoding's."""
+    cfg, model, prompts = tiny
+    with torch.device(DEV):
+        head = MTPHead(cfg).float().eval()
+    head.layers[0].load_state_dict(model.model.layers[-1].state_dict())
+    ids = torch.randperm(cfg.vocab_size, generator=torch.Generator().manual_seed(0))[: cfg.vocab_size // 3]
+    got = {}
+    for kernels in ("torch", "triton"):
+        tlm = TargetLM(model, kernels=kernels)
+        head_lm = MTPHeadLM(head, tlm, kernels=kernels, token_map=ids)
+        h = torch.randn(3, cfg.hidden_size, device=DEV)
+        # the map's rows of the full logits (another GEMM shape: equal up to rounding)
+        torch.testing.assert_close(head_lm.logits(h), tlm.logits(h)[:, ids.to(DEV)], rtol=1e-5, atol=1e-5)
+        eng = Engine(tlm, MTPDrafter(head_lm), batch_size=len(prompts), max_len=40, max_new_tokens=6, steps=2, eos_ids=(1,))
+        spec, plain = eng.generate(prompts), eng.generate(prompts, speculative=False)
+        assert [r.output_ids for r in spec.rows] == [r.output_ids for r in plain.rows]
+        got[kernels] = ([r.output_ids for r in spec.rows], [r.hist for r in spec.rows])
+    assert got["triton"] == got["torch"]
+
+
+@needs_triton
 def test_big_steps_keep_triton_attention_and_match_torch_path(tiny, monkeypatch):
     """Steps over MAX_STEP_TOKENS tokens (regeneration at batch 256) run torch linears and experts
     around the Triton attention: the same greedy tokens as the torch path, plain and speculative."""
