@@ -2,7 +2,7 @@
 
     model = build_target("qwen3-30b-a3b", "cuda", std=0.02); head = build_head(model, "cuda", 0.02)
     ms = time_steps(step, iters, device)               # GPU time of back-to-back calls
-    floor = hbm_floor_ms(model.config, batch, tokens, tbps=4.3)
+    floor = hbm_floor_ms(model.config, batch, tokens, tbps=4.3, ctx=cached)
     lossless_check(...), kernels_check(...)            # the correctness checks each run records
 
 Random weights of the real shape are enough for timing; routing of random weights is roughly
@@ -53,8 +53,9 @@ def build_head(model, device: str, std: float) -> MTPHead:
     return head
 
 
-def hbm_floor_ms(cfg, batch: int, tokens: int, tbps: float) -> float:
-    """Weight bytes one forward over batch x tokens must read, over the bandwidth (module doc)."""
+def hbm_floor_ms(cfg, batch: int, tokens: int, tbps: float, ctx: int = 0) -> float:
+    """Bytes one forward over batch x tokens after ctx cached tokens must read (the weights, and
+    each row's K/V cache), over the bandwidth (module doc)."""
     b = 2  # bf16
     H, D, nq, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     E, k, inter = cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
@@ -63,7 +64,8 @@ def hbm_floor_ms(cfg, batch: int, tokens: int, tbps: float) -> float:
     router = E * H * b
     hit = E * (1 - (1 - k / E) ** (batch * tokens))
     experts = hit * 3 * inter * H * b
-    total = cfg.num_hidden_layers * (attn + norms + router + experts)
+    kv = batch * (ctx + tokens) * 2 * nkv * D * b
+    total = cfg.num_hidden_layers * (attn + norms + router + experts + kv)
     total += cfg.vocab_size * H * b + batch * tokens * H * b + H * b  # lm_head, embedding rows, final norm
     return total / (tbps * 1e12) * 1e3
 

@@ -230,6 +230,7 @@ def main(argv=None) -> int:
         "ctx": a.ctx, "iters": a.iters, "hf_tokens": a.hf_tokens, "kernels": kernel_sets,
         "torch_path_experts": a.experts or ("grouped_mm" if cuda else "loop"), "hbm_bandwidth_tbps": a.bandwidth_tbps,
         "triton_pdl": moe_kernels.PDL["enabled"],  # MTP_DECODE_PDL
+        "attention_split_slots": attn_kernels.split_slots(),  # MTP_ATTN_SPLIT, else the config's
         "kernel_config": {"moe": moe_kernels.CONFIG, "attention": attn_kernels.CONFIG, "linear": linear_kernels.CONFIG},
         "decode_tok_s": {}, "verify_step_ms": {}, "spec_step_ms": {},  # best mode per batch size
         "decode_tok_s_by_mode": {}, "decode_step_ms_by_mode": {}, "verify_step_ms_by_mode": {}, "spec_step_ms_by_mode": {},
@@ -271,9 +272,9 @@ def main(argv=None) -> int:
     res["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     log(f"model ready: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params")
     for B in batch_sizes:
-        res["hbm_floor_ms"].setdefault("decode", {})[str(B)] = hbm_floor_ms(cfg, B, 1, a.bandwidth_tbps)
+        res["hbm_floor_ms"].setdefault("decode", {})[str(B)] = hbm_floor_ms(cfg, B, 1, a.bandwidth_tbps, ctx=a.ctx)
         for K in ks:
-            res["hbm_floor_ms"].setdefault(f"verify_K={K}", {})[str(B)] = hbm_floor_ms(cfg, B, K + 1, a.bandwidth_tbps)
+            res["hbm_floor_ms"].setdefault(f"verify_K={K}", {})[str(B)] = hbm_floor_ms(cfg, B, K + 1, a.bandwidth_tbps, ctx=a.ctx)
 
     def record(mode: str, B: int, out: dict | None):
         if out is None:

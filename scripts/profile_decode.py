@@ -72,7 +72,9 @@ GRID = {
              for bh, bk, st in ((64, 128, 3), (64, 128, 4), (128, 128, 3), (64, 256, 3)) for p in PERSIST],
     "combine": [dict(BLOCK=b, num_warps=w) for b in (256, 512, 1024) for w in (2, 4)],
     "router": [dict(BLOCK_E=be, BLOCK_IN=bk, num_warps=w) for be in (2, 4, 8) for bk in (512, 1024) for w in (4, 8)],
-    "attention": [dict(BLOCK_S=bs, num_warps=w) for bs in (32, 64, 128) for w in (4, 8)],
+    # SPLIT_S: cache slots per program (0: one program walks a row's whole cache); tune at a long --ctx
+    "attention": [dict(BLOCK_S=bs, num_warps=w, SPLIT_S=sp) for bs in (32, 64, 128) for w in (4, 8)
+                  for sp in (0, 256, 512, 1024)],
     # 16: 320 programs for q/k/v at batch 1, spread over all 132 SMs of an H200 (64 fills 80 of them)
     "small": [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
               for bn in (16, 32, 64, 128) for bk in (128, 256, 512) for w in (4, 8) for st in (3, 4, 5)],
@@ -230,7 +232,7 @@ def main(argv=None) -> int:
         ms = time_steps(step, a.iters, device)
         table = kernel_table(step, a.profile_steps, device)
         covered = sum(r["us_per_step"] for r in table)
-        floor = hbm_floor_ms(cfg, B, 1, 4.3)
+        floor = hbm_floor_ms(cfg, B, 1, 4.3, ctx=a.ctx)
         log(f"{mode} B={B} pdl={pdl}: step {ms:.3f} ms ({B * 1e3 / ms:.0f} tok/s), "
             f"kernels {covered / 1e3:.3f} ms, "
             f"{sum(r['calls_per_step'] for r in table):.0f} launches, floor {floor:.3f} ms")

@@ -127,6 +127,18 @@ def test_bench_decode_cpu_smoke(tmp_path):
     assert set(res["spec_step_ms_token_map"]["32768"]["K=2"]) == {"1", "2"} and "token map 32,768" in res["markdown"]
 
 
+def test_hbm_floor_counts_the_kv_cache_each_row_reads():
+    """The floor grows by the K and V bytes of every cached slot, layer and row (bf16)."""
+    from model.configs import make_config
+    from model.decode_bench import hbm_floor_ms
+
+    cfg = make_config("qwen3-30b-a3b")
+    kv_bytes = cfg.num_hidden_layers * 8 * 4000 * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
+    grown = hbm_floor_ms(cfg, 8, 1, 4.3, ctx=4000) - hbm_floor_ms(cfg, 8, 1, 4.3)
+    assert grown == pytest.approx(kv_bytes / 4.3e12 * 1e3, rel=1e-9)
+    assert hbm_floor_ms(cfg, 1, 1, 4.3, ctx=4096) == pytest.approx(1.415 + 0.094, abs=0.01)  # ms, batch 1
+
+
 @pytest.mark.parametrize("sizes", ["abc", "0", "999999"])
 def test_bench_decode_refuses_bad_token_map_sizes(sizes):
     bench_decode = load_script("bench_decode")

@@ -188,6 +188,30 @@ def test_pdl_env_switch_is_read_strictly():
         _pdl_from_env("no")
 
 
+def attention_case(tiny, S: int, starts: list[int], seed: int, T: int = 4):
+    """A cache of S slots with stale entries everywhere, T step tokens per row from the given start
+    positions: (dims, layer weights, the cache after qk_prep, positions, q from qk_prep, the torch
+    path's attention output after o_proj, the torch path's cache)."""
+    from model import attn_kernels
+
+    cfg, model, _ = tiny
+    d = Dims.of(cfg)
+    lw = LayerWeights.of(model.model.layers[0], DEV, torch.float32)
+    B = len(starts)
+    gen = torch.Generator().manual_seed(seed)
+    cache = torch.randn(2, B, d.n_kv, S, d.head_dim, generator=gen).to(DEV)
+    ref_cache = cache.clone()
+    x = torch.randn(B, T, cfg.hidden_size, generator=gen).to(DEV)
+    pos = torch.tensor(starts, device=DEV)[:, None] + torch.arange(T, device=DEV)
+    cos, sin = rope_table(model.model.rotary_emb, S, DEV, torch.float32)
+    mask = step_mask(pos, S, d.n_heads // d.n_kv, torch.float32)
+    bidx = torch.arange(B, device=DEV)[:, None].expand(B, T)
+    want = attention(x, lw, d, ref_cache, cos[pos].unsqueeze(2), sin[pos].unsqueeze(2), mask, bidx, pos)
+    q = attn_kernels.qk_prep(torch.nn.functional.linear(x, lw.qkv), lw.qk_norm, cos, sin, cache, pos, d.eps,
+                             d.n_heads, d.n_kv)
+    return d, lw, cache, pos, q, want, ref_cache
+
+
 @needs_triton
 def test_attention_kernels_match_torch_path_and_are_batch_invariant(tiny):
     """q/k norm + RoPE + cache write + attention against qwen3_forward.py's SDPA path, on a cache
@@ -195,21 +219,8 @@ def test_attention_kernels_match_torch_path_and_are_batch_invariant(tiny):
     holds 1 or 4 of its tokens."""
     from model import attn_kernels
 
-    cfg, model, _ = tiny
-    d = Dims.of(cfg)
-    lw = LayerWeights.of(model.model.layers[0], DEV, torch.float32)
-    B, S, T = 3, 32, 4
-    gen = torch.Generator().manual_seed(3)
-    cache = torch.randn(2, B, d.n_kv, S, d.head_dim, generator=gen).to(DEV)  # stale everywhere
-    ref_cache = cache.clone()
-    x = torch.randn(B, T, cfg.hidden_size, generator=gen).to(DEV)
-    pos = torch.tensor([[5], [17], [0]], device=DEV) + torch.arange(T, device=DEV)
-    cos, sin = rope_table(model.model.rotary_emb, S, DEV, torch.float32)
-    mask = step_mask(pos, S, d.n_heads // d.n_kv, torch.float32)
-    bidx = torch.arange(B, device=DEV)[:, None].expand(B, T)
-    want = attention(x, lw, d, ref_cache, cos[pos].unsqueeze(2), sin[pos].unsqueeze(2), mask, bidx, pos)
-    qkv = torch.nn.functional.linear(x, lw.qkv)
-    q = attn_kernels.qk_prep(qkv, lw.qk_norm, cos, sin, cache, pos, d.eps, d.n_heads, d.n_kv)
+    d, lw, cache, pos, q, want, ref_cache = attention_case(tiny, S=32, starts=[5, 17, 0], seed=3)
+    B, T = pos.shape
     got = torch.nn.functional.linear(attn_kernels.decode_attention(q, cache, pos, d.n_kv), lw.o)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(cache, ref_cache, atol=1e-5, rtol=1e-5)  # same K/V written
@@ -218,12 +229,60 @@ def test_attention_kernels_match_torch_path_and_are_batch_invariant(tiny):
     assert torch.equal(one, attn_kernels.decode_attention(q, cache, pos, d.n_kv)[:, :1])
 
 
+@needs_triton
+def test_attention_split_over_the_cache_is_exact_and_batch_invariant(tiny, monkeypatch):
+    """With the cache split over programs (MTP_ATTN_SPLIT slots each, the last split to finish
+    combining): the torch path's result on rows that span 1, 2 and 3 splits; every token of a
+    4-token step equal bit for bit to a 1-token step at its position, also where the two steps
+    split differently (position 30 alone fits the first split, the step 30..33 does not); the
+    unsplit kernel's bits where a row fits one split; the split counters left at zero."""
+    from model import attn_kernels
+
+    monkeypatch.setitem(attn_kernels.CONFIG, "attention", {"BLOCK_S": 16, "num_warps": 4, "SPLIT_S": 0})
+    d, lw, cache, pos, q, want, _ = attention_case(tiny, S=80, starts=[30, 40, 70], seed=5)
+    B, T = pos.shape
+
+    def run(q_, pos_, split):
+        monkeypatch.setenv("MTP_ATTN_SPLIT", str(split))
+        return attn_kernels.decode_attention(q_, cache, pos_, d.n_kv)
+
+    unsplit, split = run(q, pos, 0), run(q, pos, 32)
+    torch.testing.assert_close(torch.nn.functional.linear(split, lw.o), want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(split, unsplit, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(split[1:], unsplit[1:])  # rows 1 and 2 did go through the combine
+    q4 = q.view(B, T, -1, d.head_dim)
+    for t in range(T):
+        one = run(q4[:, t].contiguous(), pos[:, t:t + 1], 32)
+        assert torch.equal(one, split[:, t:t + 1]), t
+    short = pos[:1, :1] - 20  # position 10: one split, the unsplit kernel's bits
+    assert torch.equal(run(q4[:1, 0].contiguous(), short, 32), run(q4[:1, 0].contiguous(), short, 0))
+    assert int(attn_kernels._TICKETS[torch.device(DEV)].abs().sum()) == 0
+
+
+def test_attention_split_setting_is_read_strictly(monkeypatch):
+    from model import attn_kernels
+
+    monkeypatch.setitem(attn_kernels.CONFIG, "attention", {"BLOCK_S": 16, "num_warps": 4, "SPLIT_S": 0})
+    for ok, n in (("", 0), ("0", 0), (" 64 ", 64)):
+        monkeypatch.setenv("MTP_ATTN_SPLIT", ok)
+        assert attn_kernels.split_slots() == n
+    for bad in ("24", "-16", "half"):
+        monkeypatch.setenv("MTP_ATTN_SPLIT", bad)
+        with pytest.raises(ValueError, match="multiple of BLOCK_S=16"):
+            attn_kernels.split_slots()
+
+
 # ----------------------------------------------------------------------------- engine
 @needs_triton
-def test_engine_on_triton_kernels_matches_torch_path_and_is_lossless(tiny):
+@pytest.mark.parametrize("split", [0, 16], ids=["whole-cache", "split-cache"])
+def test_engine_on_triton_kernels_matches_torch_path_and_is_lossless(tiny, split, monkeypatch):
     """Plain greedy decoding on the kernels gives the torch path's tokens, and speculative
     decoding on them gives the same tokens as plain decoding on them (K=2, a head from the
-    target's last layer, so some drafts are accepted)."""
+    target's last layer, so some drafts are accepted). split-cache: attention over 16-slot splits of
+    the 40-slot cache, so rows cross split boundaries as they grow."""
+    from model import attn_kernels
+
+    monkeypatch.setitem(attn_kernels.CONFIG, "attention", {"BLOCK_S": 16, "num_warps": 4, "SPLIT_S": split})
     cfg, model, prompts = tiny
     with torch.device(DEV):
         head = MTPHead(cfg).float().eval()
