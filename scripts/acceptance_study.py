@@ -51,7 +51,8 @@ def parse_args(argv=None):
                         "25M tokens over 8,000 short ones is 8-9 epochs, and the heads overfit)")
     p.add_argument("--sampled-passes", type=int, default=0, metavar="N",
                    help="also regenerate the training conversations N times at the target's recommended sampling "
-                        "(seeds --seed + 1..N): the 'mix' data of the *-mix heads (default 0: greedy answers only)")
+                        "(seeds --seed + 1..N): the 'mix' data of the *-mix heads (default 0: greedy answers only); "
+                        "a *-mix head with checkpoints from fewer passes is not resumed: --phase train says so")
     p.add_argument("--max-new-tokens", type=int, default=256, help="regeneration and evaluation")
     p.add_argument("--max-length", type=int, default=1024, help="tokens per conversation (regeneration and training)")
     p.add_argument("--regen-batch-size", type=int, default=1024)

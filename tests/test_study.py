@@ -193,7 +193,14 @@ def test_a_mix_head_needs_the_sampled_passes(tmp_path, capsys):
         phase_train(a, tmp_path)
     assert not list((tmp_path / "heads").iterdir())  # no head started
     (tmp_path / "data" / "data.json").write_text(json.dumps({"mean_length": {"regen": 700.0, "mix": 520.0}}))
-    assert train_plan(a, tmp_path, "k3-ce-random-mix")["mean_length"] == 520.0
+    plan = train_plan(a, tmp_path, "k3-ce-random-mix")
+    assert plan["mean_length"] == 520.0
+    # checkpoints of a run on the one-pass mix, then a second pass changed the mix: stop up front
+    (tmp_path / "heads" / "k3-ce-random-mix" / "checkpoint-40").mkdir(parents=True)
+    (tmp_path / "heads" / "k3-ce-random-mix.plan.json").write_text(json.dumps(dict(plan, mean_length=480.0, max_steps=9)))
+    with pytest.raises(SystemExit, match=r"k3-ce-random-mix has checkpoints .*mean_length 480.0 -> 520.0.*Remove"):
+        phase_train(a, tmp_path)
+    assert [p.name for p in (tmp_path / "heads").iterdir() if p.suffix == ".log"] == []  # nothing launched
 
 
 def test_a_head_stopped_by_the_budget_reports_its_checkpoint(tmp_path):

@@ -193,6 +193,24 @@ def train_plan(a, W: Path, name: str) -> dict:
             "planned_tokens": round(max_steps * tokens_per_step)}
 
 
+def check_resumable(W: Path, name: str, plan: dict) -> None:
+    """A head with checkpoints resumes only the run it started (the trainer refuses another
+    schedule or other data): stop before any head starts when its plan changed, e.g. after more
+    --sampled-passes grew the mix data, and say what to do."""
+    prev_file, run = W / "heads" / f"{name}.plan.json", W / "heads" / name
+    if not prev_file.exists() or not any(run.glob("checkpoint-*")):
+        return
+    prev = json.loads(prev_file.read_text())
+    changed = {k: (prev.get(k), plan[k]) for k in ("train_tokens", "mean_length", "micro_batch_size", "max_steps")
+               if prev.get(k) != plan[k]}
+    if changed:
+        what = "; ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+        raise SystemExit(f"acceptance_study: {name} has checkpoints in {run} from another plan ({what}); the trainer "
+                         f"resumes only the run it started. Remove {run} and {prev_file} to train it again on the "
+                         "current data, or rerun with the earlier settings (--train-tokens, --train-batch-size, "
+                         "the data's --sampled-passes)")
+
+
 def train_command(a, W: Path, name: str, port: int, plan: dict) -> list[str]:
     k, loss, init, data = HEADS[name]
     holdout = json.loads((W / "data" / "data.json").read_text())["holdout"]
@@ -238,9 +256,12 @@ def phase_train(a, W: Path) -> None:
     if missing:
         raise SystemExit(f"acceptance_study: {', '.join(missing)} train on the '{HEADS[missing[0]][3]}' data, which the "
                          "data phase did not make: run --phase data --sampled-passes 1 (or more) first")
+    plans = {name: train_plan(a, W, name) for name in pending}
+    for name in pending:
+        check_resumable(W, name, plans[name])
     procs = {}
     for i, name in enumerate(pending):
-        plan = train_plan(a, W, name)
+        plan = plans[name]
         atomic_write_text(W / "heads" / f"{name}.plan.json", json.dumps(plan, indent=2))  # what the results report
         print(f"train: {name}: {plan['max_steps']} steps x {plan['micro_batch_size']} rows x {plan['mean_length']:.0f} "
               f"tokens = {plan['planned_tokens']:,} tokens; held-out every {plan['heldout_every']} steps")
