@@ -20,12 +20,13 @@ single query over ~270 cached slots. Here it is two kernels:
 Splitting the cache (CONFIG["attention"]["SPLIT_S"] or MTP_ATTN_SPLIT = slots per split; 0, the
 default, is off until an H200 has timed it): without it one program per (row, kv head) walks the
 whole cache, 4 programs at batch 1 on the 30B-A3B shape, which leaves most SMs idle once the
-context is long. With it the grid gains a split axis: a program takes SPLIT_S slots, in a fixed
-number of BLOCK_S tiles, and writes its softmax state (max, sum, weighted values, fp32); the last
-program of a query block to finish (an atomic ticket, reset to 0 after use, so it stays one
-kernel) combines the splits in split order. Where a block's positions fit one split, that program
-writes the result itself, bit for bit the unsplit kernel's. Splits are fixed slot ranges and
-splits past a query's position add exact zeros, so decode and verify still agree bit for bit.
+context is long. With it the grid gains a split axis: a program takes SPLIT_S slots (its BLOCK_S
+tiles up to the block's last position) and writes its softmax state (max, sum, weighted values,
+fp32); the last program of a query block to finish (an atomic ticket, reset to 0 after use, so it
+stays one kernel) combines the splits in split order. Where a block's positions fit one split,
+that program writes the result itself, bit for bit the unsplit kernel's. Splits are fixed slot
+ranges and splits past a query's position add exact zeros, so decode and verify still agree bit
+for bit.
 
 Numerics follow model/qwen3_forward.py's torch path: the norm's x_hat and every RoPE product rounded to
 the model dtype as in bf16 torch ops; scores and softmax in fp32, P cast to the value dtype for
@@ -141,52 +142,47 @@ if triton is not None:
             acc = tl.zeros([BLOCK_M, D], tl.float32)
             qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
             o_rows = o_ptr + (n * NQ + head)[:, None] * D + d[None, :]
-            if SPLIT_S == 0:  # one program walks the whole cache
-                s0 = 0
-                while s0 < end:  # (a while loop: the CPU interpreter cannot range() to a loaded bound)
-                    acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, pos, s0, end, stride_s, qk_scale, d, BLOCK_S)
-                    s0 += BLOCK_S
+            # slots [lo, hi): the whole cache, or this split's part of it, tile by tile
+            hi = end if SPLIT_S == 0 else tl.minimum(end, lo + SPLIT_S)
+            s0 = lo
+            while s0 < hi:  # (a while loop: the CPU interpreter cannot range() to a loaded bound)
+                acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, pos, s0, end, stride_s, qk_scale, d, BLOCK_S)
+                s0 += BLOCK_S
+            n_split = 1 if SPLIT_S == 0 else (end + SPLIT_S - 1) // SPLIT_S
+            if n_split == 1:  # the block fits one split: the same tiles as the unsplit kernel, the same bits
                 out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
                 tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
-            else:  # slots [lo, lo + SPLIT_S): a fixed number of tiles (tiles past `end` add exact zeros)
-                for i in range(SPLIT_S // BLOCK_S):
-                    acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, pos, lo + i * BLOCK_S, end, stride_s,
-                                          qk_scale, d, BLOCK_S)
-                n_split = (end + SPLIT_S - 1) // SPLIT_S
-                if n_split == 1:  # the whole block in this split: the unsplit kernel's result, bit for bit
+            else:  # write this split's (m, l, acc); the last split to finish combines them in split order
+                blk = bh * tl.num_programs(1) + mb
+                slot = blk.to(tl.int64) * tl.num_programs(2) + sp
+                r = tl.arange(0, BLOCK_M)
+                tl.store(part_ptr + (slot * BLOCK_M + r)[:, None] * D + d[None, :], acc)
+                tl.store(ml_ptr + slot * 2 * BLOCK_M + r, m_i)
+                tl.store(ml_ptr + slot * 2 * BLOCK_M + BLOCK_M + r, l_i)
+                tl.debug_barrier()  # every thread's stores done before the ticket releases them
+                done = tl.atomic_add(ticket_ptr + blk, 1, sem="acq_rel")
+                if done == n_split - 1:  # the last: the others' partials are in L2 (.cg skips L1)
+                    first = blk.to(tl.int64) * tl.num_programs(2)
+                    m_all = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                    j = 0
+                    while j < n_split:
+                        m_all = tl.maximum(m_all, tl.load(ml_ptr + (first + j) * 2 * BLOCK_M + r, cache_modifier=".cg"))
+                        j += 1
+                    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+                    acc = tl.zeros([BLOCK_M, D], tl.float32)
+                    l_i = tl.zeros([BLOCK_M], tl.float32)
+                    j = 0
+                    while j < n_split:  # splits past a query's position add exact zeros
+                        base = (first + j) * 2 * BLOCK_M
+                        w = tl.exp2(tl.load(ml_ptr + base + r, cache_modifier=".cg") - m_all)
+                        l_i += w * tl.load(ml_ptr + base + BLOCK_M + r, cache_modifier=".cg")
+                        part = tl.load(part_ptr + ((first + j) * BLOCK_M + r)[:, None] * D + d[None, :],
+                                       cache_modifier=".cg")
+                        acc += w[:, None] * part
+                        j += 1
                     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
                     tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
-                else:  # write this split's (m, l, acc); the last split to finish combines them in split order
-                    blk = bh * tl.num_programs(1) + mb
-                    slot = blk.to(tl.int64) * tl.num_programs(2) + sp
-                    r = tl.arange(0, BLOCK_M)
-                    tl.store(part_ptr + (slot * BLOCK_M + r)[:, None] * D + d[None, :], acc)
-                    tl.store(ml_ptr + slot * 2 * BLOCK_M + r, m_i)
-                    tl.store(ml_ptr + slot * 2 * BLOCK_M + BLOCK_M + r, l_i)
-                    tl.debug_barrier()  # every thread's stores done before the ticket releases them
-                    done = tl.atomic_add(ticket_ptr + blk, 1, sem="acq_rel")
-                    if done == n_split - 1:  # the last: the others' partials are in L2 (.cg skips L1)
-                        first = blk.to(tl.int64) * tl.num_programs(2)
-                        m_all = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                        j = 0
-                        while j < n_split:
-                            m_all = tl.maximum(m_all, tl.load(ml_ptr + (first + j) * 2 * BLOCK_M + r, cache_modifier=".cg"))
-                            j += 1
-                        m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-                        acc = tl.zeros([BLOCK_M, D], tl.float32)
-                        l_i = tl.zeros([BLOCK_M], tl.float32)
-                        j = 0
-                        while j < n_split:  # splits past a query's position add exact zeros
-                            base = (first + j) * 2 * BLOCK_M
-                            w = tl.exp2(tl.load(ml_ptr + base + r, cache_modifier=".cg") - m_all)
-                            l_i += w * tl.load(ml_ptr + base + BLOCK_M + r, cache_modifier=".cg")
-                            part = tl.load(part_ptr + ((first + j) * BLOCK_M + r)[:, None] * D + d[None, :],
-                                           cache_modifier=".cg")
-                            acc += w[:, None] * part
-                            j += 1
-                        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-                        tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
-                        tl.atomic_xchg(ticket_ptr + blk, 0)  # ready for the next call
+                    tl.atomic_xchg(ticket_ptr + blk, 0)  # ready for the next call
 
 
 @torch.library.custom_op("mtp_decode::qk_prep", mutates_args=("kv_cache",))
