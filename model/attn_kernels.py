@@ -44,7 +44,7 @@ import os
 
 import torch
 
-from model.moe_kernels import pdl_args, pdl_enter, tl, triton
+from model.moe_kernels import pdl_args, pdl_enter, split_tickets, tl, triton
 
 BLOCK_M = 16  # query rows (token, query head) per program: tl.dot's minimum
 # cache slots per inner iteration: the fastest of `scripts/profile_decode.py --tune` on an H200
@@ -222,22 +222,6 @@ def split_slots() -> int:
     return n
 
 
-_TICKETS: dict[torch.device, torch.Tensor] = {}
-
-
-def _tickets(n: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 counters, one per (row, kv head, query block), kept between calls: every
-    kernel leaves them at zero. Grown before a CUDA graph is captured (the engine's warm-up
-    steps have the captured shapes)."""
-    t = _TICKETS.get(device)
-    if t is None or t.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("decode_attention: split counters first needed inside a CUDA graph capture; "
-                               "run the step once before capturing it")
-        t = _TICKETS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return t
-
-
 @torch.library.custom_op("mtp_decode::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, pos_BT: torch.Tensor, n_kv: int) -> torch.Tensor:
     """o [B, T, n_heads * D]: each query attends to its row's cache slots 0..pos."""
@@ -254,7 +238,7 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, pos_BT: torch.Tens
     if n_split > 1:
         part = torch.empty(blocks * n_split * BLOCK_M, D, dtype=torch.float32, device=q.device)
         ml = torch.empty(blocks * n_split * 2 * BLOCK_M, dtype=torch.float32, device=q.device)
-        tickets = _tickets(blocks, q.device)
+        tickets = split_tickets(blocks, q.device)
     else:  # never written: a row's cache fits one split
         part = ml = tickets = o
         split = 0

@@ -99,6 +99,24 @@ def pdl_args(t: torch.Tensor) -> dict:
     return {"USE_PDL": True, "launch_pdl": True} if on else {"USE_PDL": False}
 
 
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+
+
+def split_tickets(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters for kernels whose last program of a group combines the group's
+    partial results (model/attn_kernels.py's cache splits, model/linear_kernels.py's K splits):
+    one per group, kept between calls, every kernel leaves its counters at zero, so the kernels
+    share them. Grown before a CUDA graph is captured (capture follows warm-up calls of the same
+    shapes)."""
+    t = _TICKETS.get(device)
+    if t is None or t.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("split counters first needed inside a CUDA graph capture; run the step once "
+                               "before capturing it")
+        t = _TICKETS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return t
+
+
 def available(device) -> bool:
     """Triton importable and able to run on `device` (CUDA, or the CPU interpreter)."""
     if triton is None:

@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--tune", action="store_true", help="time tile sizes of the Triton kernels first")
     p.add_argument("--tune-batch-sizes", default="1,8")
     p.add_argument("--tune-kernels", default=None, help="comma-separated subset of the tuned kernels (default all)")
+    p.add_argument("--tune-grid", default="full", choices=["full", "splits"],
+                   help="splits: only the config in use and the grid's split configs (SPLIT_K, SPLIT_S)")
     p.add_argument("--tune-pick", default="first", choices=["first", "sum"],
                    help="keep the fastest config at the first tuned batch size, or the best over all of them")
     p.add_argument("--check", action="store_true", help="both kernel settings against transformers, and lossless")
@@ -76,11 +78,16 @@ GRID = {
     "attention": [dict(BLOCK_S=bs, num_warps=w, SPLIT_S=sp) for bs in (32, 64, 128) for w in (4, 8)
                   for sp in (0, 256, 512, 1024)],
     # 16: 320 programs for q/k/v at batch 1, spread over all 132 SMs of an H200 (64 fills 80 of them)
-    "small": [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
-              for bn in (16, 32, 64, 128) for bk in (128, 256, 512) for w in (4, 8) for st in (3, 4, 5)],
-    "wide": [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
-             for bn in (16, 32, 64) for bk in (256, 512, 1024) for w in (4, 8) for st in (3, 4, 5)],
-    "large": [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
+    # SPLIT_K > 1: more programs per output tile, each over part of K (the last adds them up)
+    "small": [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st, SPLIT_K=1)
+              for bn in (16, 32, 64, 128) for bk in (128, 256, 512) for w in (4, 8) for st in (3, 4, 5)]
+             + [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st, SPLIT_K=sk)
+                for bn in (32, 64) for bk in (128, 256) for st in (3, 4) for sk in (2, 4)],
+    "wide": [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st, SPLIT_K=1)
+             for bn in (16, 32, 64) for bk in (256, 512, 1024) for w in (4, 8) for st in (3, 4, 5)]
+            + [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=st, SPLIT_K=sk)
+               for bn in (16, 32) for bk in (256, 512) for st in (3, 4) for sk in (2, 4)],
+    "large": [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st, SPLIT_K=1)
               for bn in (64, 128) for bk in (64, 128, 256) for w in (4, 8) for st in (3, 4, 5)],
 }
 CONFIGS = {"gate_up": moe_kernels.CONFIG, "down": moe_kernels.CONFIG, "combine": moe_kernels.CONFIG,
@@ -102,12 +109,21 @@ def graph_ms(fn, reps: int = 20) -> float:
 
 
 @torch.no_grad()
-def tune(model, batch_sizes: list[int], ctx: int, names: list[str], pick: str = "first") -> dict:
+def tune_grid(name: str, grid: str) -> list[dict]:
+    """The configs tune() times for a kernel: its whole GRID ("full"), or ("splits") the config in
+    use followed by the grid's split configs (SPLIT_K > 1, SPLIT_S > 0), a short side-by-side."""
+    if grid == "full":
+        return GRID[name]
+    split = [c for c in GRID[name] if c.get("SPLIT_K", 1) > 1 or c.get("SPLIT_S", 0) > 0]
+    return [dict(CONFIGS[name][name])] + split
+
+
+def tune(model, batch_sizes: list[int], ctx: int, names: list[str], pick: str = "first", grid: str = "full") -> dict:
     """Per kernel and batch size: us per call (mean over the 48 layers) for each tile config.
     Kernels are tuned one after the other, each keeping the configs chosen before it. The one kept
     is the fastest at the first batch size (pick="first"), or the one with the least sum over the
     batch sizes of its time relative to that batch size's fastest (pick="sum"): the tiles are fixed
-    for every step size, so one config serves batch 1, 8 and 16."""
+    for every step size, so one config serves batch 1, 8 and 16. grid: tune_grid's."""
     cfg, dev = model.config, next(model.parameters()).device
     d = Dims.of(cfg)
     lws = [LayerWeights.of(layer, dev, torch.bfloat16) for layer in model.model.layers]
@@ -141,8 +157,9 @@ def tune(model, batch_sizes: list[int], ctx: int, names: list[str], pick: str = 
         base = "gate_up" if name in ("down", "combine") else name
         conf = CONFIGS[name]
         keep = dict(conf[name])
+        configs = tune_grid(name, grid)
         times = []  # per config: {B: us} (None where it failed)
-        for c in GRID[name]:
+        for c in configs:
             conf[name] = dict(c)
             row = {}
             for B in batch_sizes:
@@ -157,14 +174,14 @@ def tune(model, batch_sizes: list[int], ctx: int, names: list[str], pick: str = 
             score = ((lambda i: times[i][batch_sizes[0]]) if pick == "first"
                      else (lambda i: sum(times[i][B] / fastest[B] for B in batch_sizes)))
             chosen = min(ok, key=score)
-            conf[name] = dict(GRID[name][chosen])
+            conf[name] = dict(configs[chosen])
         else:
             conf[name] = keep
         for B in batch_sizes:
             rows = [{**c, **({"us": t[B]} if isinstance(t[B], float) else {"error": t[B]})}
-                    for c, t in zip(GRID[name], times)]
+                    for c, t in zip(configs, times)]
             best = min(ok, key=lambda i: times[i][B]) if ok else None
-            out[str(B)][name] = {"best": GRID[name][best] if ok else None, "best_us": fastest[B],
+            out[str(B)][name] = {"best": configs[best] if ok else None, "best_us": fastest[B],
                                  "kept": conf[name], "kept_us": times[chosen][B] if ok else None,
                                  "was": keep, "all": rows}
             log(f"tune B={B} {name}: fastest {out[str(B)][name]['best']} {fastest[B]}; "
@@ -207,7 +224,7 @@ def main(argv=None) -> int:
            "torch": torch.__version__, "runs": []}
     if a.tune:
         res["tune"] = tune(model, [int(x) for x in a.tune_batch_sizes.split(",")], a.ctx,
-                           a.tune_kernels.split(",") if a.tune_kernels else list(GRID), a.tune_pick)
+                           a.tune_kernels.split(",") if a.tune_kernels else list(GRID), a.tune_pick, a.tune_grid)
         res["config"] = {"moe": moe_kernels.CONFIG, "attention": attn_kernels.CONFIG, "linear": linear_kernels.CONFIG}
         log(f"tuned: {res['config']}")
     if a.check:

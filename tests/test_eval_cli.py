@@ -187,6 +187,31 @@ def test_profile_decode_tune_keeps_one_config_for_every_batch_size(pick, monkeyp
     assert res["2"]["down"]["kept_us"] == pytest.approx(3.0 if pick == "first" else 1.0)
 
 
+def test_profile_decode_split_grid_is_the_config_in_use_then_the_splits(monkeypatch):
+    """--tune-grid splits times the config in use first, then only the grid's split configs, and
+    keeps a split config only when it is faster (timings faked: the third config is fastest)."""
+    from model import linear_kernels
+
+    profile_decode = load_script("profile_decode")
+    model = profile_decode.build_target("tiny", "cpu", 0.02)
+    monkeypatch.setitem(linear_kernels.CONFIG, "wide", dict(linear_kernels.CONFIG["wide"]))
+    in_use = dict(linear_kernels.CONFIG["wide"])
+    configs = profile_decode.tune_grid("wide", "splits")
+    assert configs[0] == in_use and len(configs) > 1 and all(c["SPLIT_K"] > 1 for c in configs[1:])
+    assert profile_decode.tune_grid("attention", "splits")[1:] and all(
+        c["SPLIT_S"] > 0 for c in profile_decode.tune_grid("attention", "splits")[1:])
+    calls = []
+
+    def graph_ms(fn):
+        calls.append(1)
+        return 1.0 if len(calls) == 3 else 2.0
+
+    monkeypatch.setattr(profile_decode, "graph_ms", graph_ms)
+    res = profile_decode.tune(model, [1], 8, ["wide"], "first", grid="splits")
+    assert len(calls) == len(configs) and linear_kernels.CONFIG["wide"] == configs[2]
+    assert res["1"]["wide"]["was"] == in_use and len(res["1"]["wide"]["all"]) == len(configs)
+
+
 def test_cli_sampling_from_generation_config_thinking_and_batch_sizes(files, tmp_path):
     """--sampling model takes the target's generation_config.json values (flags win), the report
     records the sampling, the rule and the thinking mode, per-prompt prompt ids are the served

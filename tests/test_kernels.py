@@ -149,6 +149,35 @@ def test_linear_kernel_matches_f_linear_and_is_batch_invariant():
 
 
 @needs_triton
+@pytest.mark.parametrize("split", [2, 3])
+def test_linear_kernel_split_over_k_is_exact_and_batch_invariant(split, monkeypatch):
+    """SPLIT_K programs per output tile, the last adding the shares in order: F.linear's result
+    (plain, fp32 out, with the fused norm; 3 splits of 6 tiles and of a ragged 5), a token's bits
+    the same whatever else the step holds and in a 1-token step, the counters left at zero."""
+    from model import linear_kernels
+
+    gen = torch.Generator().manual_seed(4)
+    for K in (768, 600):  # 6 tiles of 128, and 5 with a ragged end
+        monkeypatch.setitem(linear_kernels.CONFIG, "small", {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4,
+                                                             "num_stages": 2, "SPLIT_K": split})
+        w, x = torch.randn(300, K, generator=gen).to(DEV), torch.randn(2, 10, K, generator=gen).to(DEV)
+        norm_w = torch.rand(K, generator=gen).to(DEV) + 0.5
+        x2 = torch.randn(2, 10, K, generator=gen).to(DEV)  # other tokens, same place for token (1, 3)
+        x2[1, 3] = x[1, 3]
+        for kw in ({}, {"norm_w": norm_w}):
+            y = linear_kernels.linear(x, w, **kw)
+            ref = torch.nn.functional.rms_norm(x, (K,), norm_w, 1e-6) if kw else x
+            torch.testing.assert_close(y, torch.nn.functional.linear(ref, w), atol=1e-4, rtol=1e-4)
+            assert torch.equal(linear_kernels.linear(x2, w, **kw)[1, 3], y[1, 3])
+            assert torch.equal(linear_kernels.linear(x[1:, 3:4], w, **kw)[0, 0], y[1, 3])
+            assert torch.equal(linear_kernels.linear(x, w, True, **kw), y.float())
+        split_y = linear_kernels.linear(x, w)
+        monkeypatch.setitem(linear_kernels.CONFIG["small"], "SPLIT_K", 1)
+        assert not torch.equal(linear_kernels.linear(x, w), split_y)  # the splits did run (another sum order)
+    assert int(moe_kernels._TICKETS[torch.device(DEV)].abs().sum()) == 0
+
+
+@needs_triton
 @pytest.mark.parametrize("norm", [False, True])
 def test_linear_kernel_first_tile_early_gives_the_same_bits(norm, monkeypatch):
     """The linear kernel's first weight tile, loaded before the PDL wait, is accumulated in the
@@ -264,7 +293,7 @@ def test_attention_split_over_the_cache_is_exact_and_batch_invariant(tiny, monke
         assert torch.equal(one, split[:, t:t + 1]), t
     short = pos[:1, :1] - 20  # position 10: one split, the unsplit kernel's bits
     assert torch.equal(run(q4[:1, 0].contiguous(), short, 32), run(q4[:1, 0].contiguous(), short, 0))
-    assert int(attn_kernels._TICKETS[torch.device(DEV)].abs().sum()) == 0
+    assert int(moe_kernels._TICKETS[torch.device(DEV)].abs().sum()) == 0
 
 
 HOPPER_BUILD = """
@@ -282,17 +311,27 @@ for split in (0, 512):
     c = dict(consts, SPLIT_S=split)
     src = ASTSource(fn=attn_kernels._attention_kernel, signature={**sig, **{k: "constexpr" for k in c}}, constexprs=c)
     built = triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": 8})
-    out[split] = {"cubin": len(built.asm["cubin"]), "ptx": built.asm["ptx"]}
+    out[f"attention_{split}"] = {"cubin": len(built.asm["cubin"]), "ptx": built.asm["ptx"]}
+import triton.language as tl
+from model import linear_kernels
+sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "nw_ptr": "*bf16", "part_ptr": "*fp32",
+       "ticket_ptr": "*i32", "M": "i32", "N": "i32", "eps": "fp32"}
+for split in (1, 2):
+    c = dict(K=2048, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, MODEL_DT=tl.bfloat16, NORM=True, USE_PDL=True,
+             PREFETCH=False, SPLIT_K=split, K_TILES=8 // split)
+    src = ASTSource(fn=linear_kernels._linear_kernel, signature={**sig, **{k: "constexpr" for k in c}}, constexprs=c)
+    built = triton.compile(src, target=GPUTarget("cuda", 90, 64), options={"num_warps": 4, "num_stages": 4})
+    out[f"linear_{split}"] = {"cubin": len(built.asm["cubin"]), "ptx": built.asm["ptx"]}
 json.dump(out, sys.stdout)
 """
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-def test_attention_kernel_compiles_for_hopper_with_and_without_splits(tmp_path):
+def test_split_kernels_compile_for_hopper_with_and_without_splits(tmp_path):
     """The interpreter runs kernels as Python, so it cannot catch what only a GPU build rejects:
-    the attention kernel goes through Triton's CUDA compiler down to an sm_90 cubin (ptxas ships
-    with triton; no GPU needed; a process without TRITON_INTERPRET), and the split build's ticket
-    is one acquire-release atomic at GPU scope with the partials read from L2."""
+    the attention and linear kernels go through Triton's CUDA compiler down to sm_90 cubins
+    (ptxas ships with triton; no GPU needed; a process without TRITON_INTERPRET), and each split
+    build's ticket is an acquire-release atomic at GPU scope with the partials read from L2."""
     if not any((Path(importlib.util.find_spec("triton").origin).parent / "backends" / "nvidia" / "bin").glob("ptxas*")):
         pytest.skip("this triton ships no ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -301,9 +340,10 @@ def test_attention_kernel_compiles_for_hopper_with_and_without_splits(tmp_path):
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     built = json.loads(run.stdout)
-    assert built["0"]["cubin"] > 0 and built["512"]["cubin"] > 0
-    assert "atom." not in built["0"]["ptx"]
-    assert "atom.global.gpu.acq_rel.add" in built["512"]["ptx"] and "ld.global.cg" in built["512"]["ptx"]
+    assert all(b["cubin"] > 0 for b in built.values()) and len(built) == 4
+    for whole, split in (("attention_0", "attention_512"), ("linear_1", "linear_2")):
+        assert "atom." not in built[whole]["ptx"]
+        assert "atom.global.gpu.acq_rel.add" in built[split]["ptx"] and "ld.global.cg" in built[split]["ptx"]
 
 
 def test_attention_split_setting_is_read_strictly(monkeypatch):
