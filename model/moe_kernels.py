@@ -100,6 +100,7 @@ def pdl_args(t: torch.Tensor) -> dict:
 
 
 _TICKETS: dict[torch.device, torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []  # smaller counter buffers: graphs captured with them still use them
 
 
 def split_tickets(n: int, device: torch.device) -> torch.Tensor:
@@ -107,12 +108,14 @@ def split_tickets(n: int, device: torch.device) -> torch.Tensor:
     partial results (model/attn_kernels.py's cache splits, model/linear_kernels.py's K splits):
     one per group, kept between calls, every kernel leaves its counters at zero, so the kernels
     share them. Grown before a CUDA graph is captured (capture follows warm-up calls of the same
-    shapes)."""
+    shapes); an outgrown buffer is kept alive for the graphs that hold its address."""
     t = _TICKETS.get(device)
     if t is None or t.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("split counters first needed inside a CUDA graph capture; run the step once "
                                "before capturing it")
+        if t is not None:
+            _OUTGROWN.append(t)
         t = _TICKETS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
     return t
 

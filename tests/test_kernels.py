@@ -346,6 +346,18 @@ def test_split_kernels_compile_for_hopper_with_and_without_splits(tmp_path):
         assert "atom.global.gpu.acq_rel.add" in built[split]["ptx"] and "ld.global.cg" in built[split]["ptx"]
 
 
+def test_split_counters_grow_and_outgrown_buffers_stay_alive(monkeypatch):
+    """One zeroed counter buffer per device, shared by the split kernels; a bigger grid gets a new
+    one and the old one is kept (a CUDA graph captured before still holds its address)."""
+    monkeypatch.setattr(moe_kernels, "_TICKETS", {})
+    monkeypatch.setattr(moe_kernels, "_OUTGROWN", [])
+    first = moe_kernels.split_tickets(10, torch.device("cpu"))
+    assert first.numel() == 1024 and first.dtype == torch.int32 and not first.any()
+    assert moe_kernels.split_tickets(1024, torch.device("cpu")) is first
+    grown = moe_kernels.split_tickets(5000, torch.device("cpu"))
+    assert grown.numel() == 5000 and not grown.any() and moe_kernels._OUTGROWN == [first]
+
+
 def test_attention_split_setting_is_read_strictly(monkeypatch):
     from model import attn_kernels
 
