@@ -118,12 +118,14 @@ def tune_grid(name: str, grid: str) -> list[dict]:
     return [dict(CONFIGS[name][name])] + split
 
 
-def tune(model, batch_sizes: list[int], ctx: int, names: list[str], pick: str = "first", grid: str = "full") -> dict:
+def tune(model, batch_sizes: list[int], ctx: int, names: list[str], pick: str = "first", grid: str = "full",
+         on_kernel=None) -> dict:
     """Per kernel and batch size: us per call (mean over the 48 layers) for each tile config.
     Kernels are tuned one after the other, each keeping the configs chosen before it. The one kept
     is the fastest at the first batch size (pick="first"), or the one with the least sum over the
     batch sizes of its time relative to that batch size's fastest (pick="sum"): the tiles are fixed
-    for every step size, so one config serves batch 1, 8 and 16. grid: tune_grid's."""
+    for every step size, so one config serves batch 1, 8 and 16. grid: tune_grid's. on_kernel(out)
+    runs after each kernel (main() writes --out then, so a run cut short keeps what it timed)."""
     cfg, dev = model.config, next(model.parameters()).device
     d = Dims.of(cfg)
     lws = [LayerWeights.of(layer, dev, torch.bfloat16) for layer in model.model.layers]
@@ -186,6 +188,8 @@ def tune(model, batch_sizes: list[int], ctx: int, names: list[str], pick: str = 
                                  "was": keep, "all": rows}
             log(f"tune B={B} {name}: fastest {out[str(B)][name]['best']} {fastest[B]}; "
                 f"kept {conf[name]} {out[str(B)][name]['kept_us']}")
+        if on_kernel:
+            on_kernel(out)
     torch.cuda.empty_cache()
     return out
 
@@ -222,9 +226,15 @@ def main(argv=None) -> int:
     cfg = model.config
     res = {"config": a.config, "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "runs": []}
+    def save():
+        if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(res, indent=1))
+
     if a.tune:
         res["tune"] = tune(model, [int(x) for x in a.tune_batch_sizes.split(",")], a.ctx,
-                           a.tune_kernels.split(",") if a.tune_kernels else list(GRID), a.tune_pick, a.tune_grid)
+                           a.tune_kernels.split(",") if a.tune_kernels else list(GRID), a.tune_pick, a.tune_grid,
+                           on_kernel=lambda out: (res.update(tune=out), save()))
         res["config"] = {"moe": moe_kernels.CONFIG, "attention": attn_kernels.CONFIG, "linear": linear_kernels.CONFIG}
         log(f"tuned: {res['config']}")
     if a.check:
@@ -261,9 +271,8 @@ def main(argv=None) -> int:
                             "floor_ms": floor, "kernels": table})
         del eng, step, tlm
         torch.cuda.empty_cache() if device.type == "cuda" else None
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(res, indent=1))
+        save()  # after each run too
+    save()
     return 0
 
 

@@ -207,8 +207,10 @@ def test_profile_decode_split_grid_is_the_config_in_use_then_the_splits(monkeypa
         return 1.0 if len(calls) == 3 else 2.0
 
     monkeypatch.setattr(profile_decode, "graph_ms", graph_ms)
-    res = profile_decode.tune(model, [1], 8, ["wide"], "first", grid="splits")
-    assert len(calls) == len(configs) and linear_kernels.CONFIG["wide"] == configs[2]
+    seen = []  # main() writes --out after each kernel: a run cut short keeps what it timed
+    res = profile_decode.tune(model, [1], 8, ["wide"], "first", grid="splits",
+                              on_kernel=lambda out: seen.append(out["1"]["wide"]["kept"]))
+    assert len(calls) == len(configs) and linear_kernels.CONFIG["wide"] == configs[2] and seen == [configs[2]]
     assert res["1"]["wide"]["was"] == in_use and len(res["1"]["wide"]["all"]) == len(configs)
 
 
