@@ -244,6 +244,12 @@ def main(argv=None) -> int:
     def left() -> float:
         return a.budget_s - (time.perf_counter() - T_START)
 
+    def save(complete: bool = False):  # after every stage too: a device call cut short keeps what it measured
+        if a.out:
+            res["complete"] = complete
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(res, indent=1))
+
     def stage(name: str, need_s: float, fn):
         if left() < need_s:
             res["skipped"].append(f"{name} (needs ~{need_s:.0f}s, {left():.0f}s of the budget left)")
@@ -253,12 +259,15 @@ def main(argv=None) -> int:
         try:
             out = fn()
             log(f"done  {name}")
+            res.setdefault("stages_done", []).append(name)
             return out
         except Exception as e:  # a benchmark records a failing stage and goes on
             traceback.print_exc()
             res["errors"][name] = f"{type(e).__name__}: {e}"
             free_memory()
             return None
+        finally:
+            save()
 
     log(f"building {a.config} on {device}")
     model = build_target(a.config, a.device, a.std)
@@ -297,6 +306,7 @@ def main(argv=None) -> int:
         res["setup_s"].setdefault(mode, {})[str(B)] = out["setup_s"]
         log(f"  {mode} B={B}: decode {out['decode_ms']:.2f} ms ({B * 1e3 / out['decode_ms']:.0f} tok/s), "
             f"verify {({k: round(v, 2) for k, v in out['verify_ms'].items()})} ms, spec {({k: round(v, 2) for k, v in out['spec_ms'].items()})} ms")
+        save()
 
     # 1. ours, layers eager in CUDA graphs, each kernels setting, every batch size
     for B in batch_sizes:
@@ -352,9 +362,8 @@ def main(argv=None) -> int:
     if res["skipped"]:
         print(f"skipped: {res['skipped']}")
     res["markdown"] = table
+    save(complete=True)
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(res, indent=1))
         log(f"wrote {a.out}")
     log("total")
     return 1 if res["errors"] else 0

@@ -116,6 +116,7 @@ def test_bench_decode_cpu_smoke(tmp_path):
                             "--ctx", "8", "--iters", "2", "--hf-tokens", "3", "--out", str(out)])
     res = json.loads(out.read_text())
     assert rc == 0 and not res["errors"], res["errors"]
+    assert res["complete"] and "kernels check" in res["stages_done"]  # partial files say complete: false
     assert set(res["decode_tok_s"]) == {"1", "2"} and set(res["verify_step_ms"]) == {"K=1", "K=2"}
     assert set(res["hf_generate_tok_s"]) == {"1", "2"} and res["lossless_check"]["torch"]["mismatching_rows"] == 0
     assert res["kernels_check"]["torch"]["1"]["verify_vs_hf_rel_err"] < 1e-4
