@@ -2,7 +2,7 @@
 
     model = build_target("qwen3-30b-a3b", "cuda", std=0.02); head = build_head(model, "cuda", 0.02)
     ms = time_steps(step, iters, device)               # GPU time of back-to-back calls
-    floor = hbm_floor_ms(model.config, batch, tokens, tbps=4.3, ctx=cached)
+    floor = hbm_floor_ms(model.config, batch, tokens, tbps=4.3, ctx=ctx)  # ctx: cached tokens a row
     lossless_check(...), kernels_check(...)            # the correctness checks each run records
 
 Random weights of the real shape are enough for timing; routing of random weights is roughly
