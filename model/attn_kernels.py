@@ -148,11 +148,14 @@ if triton is not None:
             while s0 < hi:  # (a while loop: the CPU interpreter cannot range() to a loaded bound)
                 acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, pos, s0, end, stride_s, qk_scale, d, BLOCK_S)
                 s0 += BLOCK_S
-            n_split = 1 if SPLIT_S == 0 else (end + SPLIT_S - 1) // SPLIT_S
-            if n_split == 1:  # the block fits one split: the same tiles as the unsplit kernel, the same bits
+            if SPLIT_S == 0:  # (a constexpr test: the split code below is not even compiled)
+                out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+                tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+            elif (end + SPLIT_S - 1) // SPLIT_S == 1:  # the block fits one split: the unsplit kernel's bits
                 out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
                 tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
             else:  # write this split's (m, l, acc); the last split to finish combines them in split order
+                n_split = (end + SPLIT_S - 1) // SPLIT_S
                 blk = bh * tl.num_programs(1) + mb
                 slot = blk.to(tl.int64) * tl.num_programs(2) + sp
                 r = tl.arange(0, BLOCK_M)
