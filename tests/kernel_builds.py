@@ -55,7 +55,8 @@ def e(*shape, dtype=bf):
 
 def launch_all() -> None:
     """The wrappers at a decode step (1 token) and a K=3 verify step at batch 16 (64 tokens),
-    with the configs in use, and with the split options on."""
+    with the configs in use; then with the split options on, and with the linear kernel's early
+    first tile."""
     qkv_w, o_w, norm = e((NQ + 2 * NKV) * D, H), e(H, NQ * D), e(H)
     gate_up, down, router_w, lm_head = e(E, 2 * I, H), e(E, H, I), e(E, H), e(V, H)
     for B, T in ((1, 1), (16, 4)):
@@ -81,6 +82,11 @@ def launch_all() -> None:
         linear_kernels.CONFIG[kind] = dict(linear_kernels.CONFIG[kind], SPLIT_K=2)
     linear_kernels.linear(e(1, H), qkv_w, norm_w=norm, eps=1e-6)
     linear_kernels.linear(e(1, NQ * D), o_w)
+    CASE[0] = "prefetch"  # profile_decode.py --pdl on: the linear kernel's first tile before its wait
+    moe_kernels.PDL.update(enabled=True, prefetch=True)
+    for kind in ("small", "wide"):
+        linear_kernels.CONFIG[kind] = dict(linear_kernels.CONFIG[kind], SPLIT_K=1)
+    linear_kernels.linear(e(1, H), qkv_w, norm_w=norm, eps=1e-6)
     CASE[0] = "training"
     loss_kernels.ce_chunk_pass(e(16, V), torch.zeros(16, dtype=torch.long))
     fast_moe.slot_sum(e(64 * TOP_K, H), torch.zeros(64 * TOP_K, dtype=torch.long),

@@ -316,6 +316,7 @@ def test_every_kernel_builds_for_hopper(tmp_path):
     failed = {k: v["error"] for k, v in built.items() if "error" in v}
     assert not failed, failed
     names = {k.split("[")[0] for k in built}
+    assert any("[prefetch]" in k for k in built)
     assert names == {"_linear_kernel", "_qk_prep_kernel", "_attention_kernel", "_router_kernel", "_route_kernel",
                      "_gate_up_kernel", "_down_kernel", "_combine_kernel", "_ce_rows", "_slot_sum_kernel"}
     for kernel in ("_attention_kernel", "_linear_kernel"):
