@@ -108,7 +108,6 @@ def graph_ms(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) / reps
 
 
-@torch.no_grad()
 def tune_grid(name: str, grid: str) -> list[dict]:
     """The configs tune() times for a kernel: its whole GRID ("full"), or ("splits") the config in
     use followed by the grid's split configs (SPLIT_K > 1, SPLIT_S > 0), a short side-by-side."""
@@ -118,6 +117,7 @@ def tune_grid(name: str, grid: str) -> list[dict]:
     return [dict(CONFIGS[name][name])] + split
 
 
+@torch.no_grad()
 def tune(model, batch_sizes: list[int], ctx: int, names: list[str], pick: str = "first", grid: str = "full",
          on_kernel=None) -> dict:
     """Per kernel and batch size: us per call (mean over the 48 layers) for each tile config.
@@ -226,6 +226,7 @@ def main(argv=None) -> int:
     cfg = model.config
     res = {"config": a.config, "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "runs": []}
+
     def save():
         if a.out:
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
