@@ -111,6 +111,12 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
+    def _finish(o_rows, acc, l_i, row_ok):
+        """The softmax-weighted values over their sum, rounded to the output's dtype and stored."""
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(o_rows, out.to(o_rows.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
     def _attention_kernel(q_ptr, cache_ptr, pos_ptr, o_ptr, part_ptr, ml_ptr, ticket_ptr,
                           stride_kv, stride_b, stride_h, stride_s, T, scale,
                           NQ: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -149,11 +155,9 @@ if triton is not None:
                 acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, pos, s0, end, stride_s, qk_scale, d, BLOCK_S)
                 s0 += BLOCK_S
             if SPLIT_S == 0:  # (a constexpr test: the split code below is not even compiled)
-                out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-                tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+                _finish(o_rows, acc, l_i, row_ok)
             elif (end + SPLIT_S - 1) // SPLIT_S == 1:  # the block fits one split: the unsplit kernel's bits
-                out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-                tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+                _finish(o_rows, acc, l_i, row_ok)
             else:  # write this split's (m, l, acc); the last split to finish combines them in split order
                 n_split = (end + SPLIT_S - 1) // SPLIT_S
                 blk = bh * tl.num_programs(1) + mb
@@ -183,8 +187,7 @@ if triton is not None:
                                        cache_modifier=".cg")
                         acc += w[:, None] * part
                         j += 1
-                    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-                    tl.store(o_rows, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+                    _finish(o_rows, acc, l_i, row_ok)
                     tl.atomic_xchg(ticket_ptr + blk, 0)  # ready for the next call
 
 
